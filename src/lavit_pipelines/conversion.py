@@ -20,11 +20,12 @@ from diffusers import __version__ as diffusers_version
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import GenerationConfig, LlamaTokenizer
+from transformers import GenerationConfig, LlamaConfig
 
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
+from .tokenization import load_lavit_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PIXEL_DECODERS = {"highres": ("highres_pixel_decoding", "highres_tokenizer_decoder.bin"),
@@ -212,7 +213,7 @@ def _llm_shards(lm_dir: Path) -> list[Path]:
 def convert_language_model(src: Path, dst: Path, dtype) -> None:
     """Stream the LLaMA shards one by one into safetensors shards of the same split; write the configs."""
     lm_dir = src / "language_model"
-    config = LavitConfig.from_llama_config(json.loads((lm_dir / "config.json").read_text()))
+    config = LavitConfig.from_dict(LlamaConfig.from_pretrained(lm_dir).to_dict())
     with init_empty_weights():
         expected = set(LavitForCausalLM(config).state_dict())
     shards = _llm_shards(lm_dir)
@@ -242,11 +243,11 @@ def convert_language_model(src: Path, dst: Path, dtype) -> None:
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(dst)
 
 
-def save_tokenizer(src: Path, dst: Path) -> None:
-    """LaVIT's LLaMA tokenizer, left padding with the eos token as pad (as the original sets it)."""
-    tokenizer = LlamaTokenizer.from_pretrained(src / "language_model", padding_side="left")
-    tokenizer.pad_token = tokenizer.eos_token
+def save_tokenizer(src: Path, dst: Path) -> type:
+    """LaVIT's LLaMA tokenizer (left padding, eos as pad, as the original sets it); returns its class."""
+    tokenizer = load_lavit_tokenizer(src / "language_model")
     tokenizer.save_pretrained(dst)
+    return type(tokenizer)
 
 
 def _source_dtype(path: Path) -> torch.dtype:
@@ -319,7 +320,7 @@ def check_source(src: Path, variant: str) -> None:
 def write_components(src: Path, out: Path, variant: str, dtype) -> None:
     """Every component into `out/<name>/`, then `model_index.json`."""
     folder = src / PIXEL_DECODERS[variant][0]
-    save_tokenizer(src, out / "tokenizer")
+    tokenizer_cls = save_tokenizer(src, out / "tokenizer")
     convert_language_model(src, out / "language_model", dtype)
     convert_visual_tokenizer(src, dtype).save_pretrained(out / "visual_tokenizer")
     convert_pixel_decoder(src, variant, dtype).save_pretrained(out / "pixel_decoder")
@@ -327,7 +328,7 @@ def write_components(src: Path, out: Path, variant: str, dtype) -> None:
     convert_diffusion_model(AutoencoderKL, folder / "vae", out / "vae", dtype)
     convert_scheduler(folder / "scheduler", out / "scheduler")
     classes = {
-        "tokenizer": LlamaTokenizer,
+        "tokenizer": tokenizer_cls,
         "language_model": LavitForCausalLM,
         "visual_tokenizer": LavitVisualTokenizer,
         "pixel_decoder": LavitPixelDecoder,

@@ -1,0 +1,11 @@
+"""The LaVIT diffusers pipelines."""
+
+from .outputs import LavitText2ImagePipelineOutput, LavitUnderstandingPipelineOutput
+from .text2image import ASPECT_RATIO_SIZES, LavitText2ImagePipeline
+
+__all__ = [
+    "ASPECT_RATIO_SIZES",
+    "LavitText2ImagePipeline",
+    "LavitText2ImagePipelineOutput",
+    "LavitUnderstandingPipelineOutput",
+]
