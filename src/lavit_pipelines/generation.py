@@ -109,7 +109,7 @@ def sample_visual_tokens(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
         scores = processors(generated, guided_scores(logits.float(), guidance_scale))
         next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)
