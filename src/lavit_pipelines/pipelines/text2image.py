@@ -336,19 +336,21 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         step_kwargs = self._step_kwargs(generator, eta)
+        guided = self.do_classifier_free_guidance  # fixed for the loop; callbacks may change the scale itself
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, **unet_kwargs, return_dict=False)[0]
-                if self.do_classifier_free_guidance:
+                if guided:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + self.guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback is not None:
-                    outputs = callback(self, i, t, {k: locals()[k] for k in callback_inputs})
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs})
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                 progress.update()

@@ -1,0 +1,213 @@
+"""A complete tiny LaVIT with seeded random weights, built in code (no download): for tests and demos.
+
+`build_tiny_components()` returns the components of a `LavitText2ImagePipeline` (plus the visual
+tokenizer); `tiny_pipeline_path()` saves them once into a cache folder that `from_pretrained` loads like a
+converted checkpoint. The tokenizer is a small LLaMA-style byte-fallback BPE trained here on a built-in
+corpus; the language model's vocabulary is that text vocabulary + `[IMG]`, `[/IMG]` and the codebook.
+"""
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from . import __version__
+from .models.language_model import LavitConfig, LavitForCausalLM
+from .models.pixel_decoder import VARIANTS, LavitPixelDecoder
+from .models.visual_tokenizer import LavitVisualTokenizer
+
+CORPUS = (
+    "a sculpture of a duck made of wool. a photo of a dog running in the snow. a red car parked on the street. "
+    "a cat sitting on a sofa in the living room. two people walking on the beach at sunset. a bowl of fruit on "
+    "a wooden table. a painting of a mountain lake with trees. the city skyline at night with bright lights. "
+    "a small boat on the river. an astronaut riding a horse on the moon. what is in the picture? answer the question."
+)
+SPECIALS = ("<unk>", "<s>", "</s>")
+NUM_MERGES = 160
+CODEBOOK_SIZE = 512
+LLM_HIDDEN = 32
+PROMPT_EMBED_DIMS = {"highres": (32, 48), "lowres": (32,)}
+POOLED_DIM = 48
+TIME_EMBED_DIM = 8
+
+
+def _train_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
+    """Deterministic BPE merges over the corpus' words (each with its sentencepiece '▁' prefix)."""
+    words = Counter(tuple("▁" + word) for word in corpus.split())
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent, ties by text
+        merges.append(best)
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """LLaMA-style tokenizer: `<unk>`=0, `<s>`=1, `</s>`=2, 256 byte tokens, corpus characters, trained merges.
+    Pads on the left with `</s>`; `add_special_tokens=True` prepends `<s>` like LLaMA."""
+    merges = _train_merges(CORPUS, NUM_MERGES)
+    pieces = list(SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + sorted(set("▁" + CORPUS.replace(" ", "▁")))
+    pieces += [a + b for a, b in merges if a + b not in pieces]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Give parameters that their module initialises to zeros (positions, queries, biases) random values,
+    so that no key mapping or position can hide behind a constant."""
+    for parameter in model.parameters():
+        if not parameter.count_nonzero():
+            torch.nn.init.normal_(parameter, std=std)
+
+
+def _unet(variant: str) -> UNet2DConditionModel:
+    """Tiny SDXL-style (high-res) or SD-1.5-style (low-res) UNet for 8×8 latents (64×64 images)."""
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
+    if variant == "highres":
+        return UNet2DConditionModel(
+            **common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            cross_attention_dim=sum(PROMPT_EMBED_DIMS["highres"]),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TIME_EMBED_DIM * 6 + POOLED_DIM,
+        )
+    return UNet2DConditionModel(
+        **common,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        cross_attention_dim=sum(PROMPT_EMBED_DIMS["lowres"]),
+    )
+
+
+def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
+    """Tiny LaVIT components, identical for the same `variant` and `seed` (the global RNG is left untouched).
+
+    Keys: tokenizer, language_model, visual_tokenizer, pixel_decoder, unet, vae, scheduler, ready for
+    `LavitText2ImagePipeline(**components)`. Images are 64×64 (8×8 latents, VAE ×8), codebook 512×32.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
+    tokenizer = build_tiny_tokenizer()
+    text_vocab = len(tokenizer)
+    builders = {
+        "language_model": lambda: LavitForCausalLM(
+            LavitConfig(
+                vocab_size=text_vocab + 2 + CODEBOOK_SIZE,
+                hidden_size=LLM_HIDDEN,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=1024,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=2,
+                image_start_token_id=text_vocab,
+                image_end_token_id=text_vocab + 1,
+                visual_token_offset=text_vocab + 2,
+                visual_vocab_size=CODEBOOK_SIZE,
+            )
+        ),
+        "visual_tokenizer": lambda: LavitVisualTokenizer(
+            hidden_size=176, encoder_layers=2, encoder_mlp_dim=64, merger_layers=1, merger_mlp_dim=64,
+            codebook_size=CODEBOOK_SIZE, codebook_dim=32, llm_hidden_size=LLM_HIDDEN,
+        ),
+        "pixel_decoder": lambda: LavitPixelDecoder(
+            variant=variant, codebook_size=CODEBOOK_SIZE, codebook_dim=32, hidden_size=176, num_layers=1, mlp_dim=64,
+            output_dim=64, prompt_embed_dims=PROMPT_EMBED_DIMS[variant],
+            pooled_embed_dim=POOLED_DIM if variant == "highres" else None,
+            negative_condition_length=7 if variant == "lowres" else None,
+        ),
+        "unet": lambda: _unet(variant),
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
+            scaling_factor=0.13025 if variant == "highres" else 0.18215,
+        ),
+    }
+    components = {"tokenizer": tokenizer}
+    with torch.random.fork_rng(devices=[]):
+        for offset, (name, build) in enumerate(builders.items()):
+            torch.manual_seed(seed + offset)
+            components[name] = build().eval()
+            if name in ("visual_tokenizer", "pixel_decoder"):
+                _randomize_zero_parameters(components[name])
+    # The visual tokenizer's codebook is the decoder's: LaVIT shares one quantizer between them.
+    components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
+    components["scheduler"] = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return components
+
+
+def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, variant: str = "highres") -> Path:
+    """Folder of the saved tiny pipeline (built and saved on first use), for `LavitText2ImagePipeline.from_pretrained`.
+
+    Default: `~/.cache/lavit_pipelines/tiny-<version>-<variant>`. The folder is written under a temporary
+    name and renamed into place, so concurrent callers never see a partial folder.
+    """
+    from .pipelines.text2image import LavitText2ImagePipeline
+
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "lavit_pipelines"
+    target = root / f"tiny-{__version__}-{variant}"
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        LavitText2ImagePipeline(**build_tiny_components(variant)).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,165 @@
+"""LaVIT's text tokenizer with the exact behaviour of the original slow LLaMA tokenizer.
+
+The original code uses transformers 4.33's sentencepiece ``LlamaTokenizer(use_fast=False)`` with
+``legacy=True``: every text span between special tokens is ``SentencePieceProcessor.encode(span)``,
+and decoding is ``SentencePieceProcessor.decode(pieces)``. transformers 5's ``LlamaTokenizer`` is
+built on ``tokenizers`` with a ``Metaspace`` pre-tokenizer; it differs from sentencepiece in two
+ways that this module fixes:
+
+* a text that starts with a space: sentencepiece adds its dummy prefix ``▁`` anyway
+  (``" a"`` → ``"▁▁a"``), ``Metaspace`` does not (``"▁a"``);
+* the model's normalizer spec: when ``remove_extra_whitespaces`` is set (it is in the tiny test
+  checkpoint, not in LLaMA's), sentencepiece drops leading spaces, trailing ``▁`` and collapses runs of
+  spaces, both when encoding and (leading ``▁``) when decoding.
+
+``load_lavit_tokenizer`` rebuilds the ``tokenizers`` pipeline from the sentencepiece model's
+normalizer spec (normalizer instead of pre-tokenizer, matching decoder) and returns a plain
+``PreTrainedTokenizerFast`` with ``padding_side="left"`` and ``pad_token = eos`` (id 2), as LaVIT
+uses it. ``save_pretrained`` writes a ``tokenizer.json`` that ``PreTrainedTokenizerFast`` (and
+``AutoTokenizer``) load back unchanged. Do not reload it with ``LlamaTokenizer.from_pretrained``:
+that class rebuilds its own normalizer and pre-tokenizer and loses the fix.
+
+Known remaining difference: a run of byte-fallback tokens that is not valid UTF-8 decodes to one
+U+FFFD per byte token (``tokenizers``), where sentencepiece replaces per invalid sequence
+(``[<0xF0>, <0x61>]`` → ``"��"`` instead of ``"�a"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers.utils import cached_file
+
+__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer"]
+
+_SPIECE_UNDERLINE = "▁"
+# tokenizer_config.json classes whose tokenizer.json is loaded as saved (no rebuilt pipeline)
+_BACKEND_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+# hub / cache arguments understood by `cached_file`
+_FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _sentencepiece_proto(model_file: str):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    return proto
+
+
+def _normalizer_and_decoder(proto):
+    """`tokenizers` normalizer and decoder that reproduce a sentencepiece model's normalization."""
+    normalizer_spec = proto.normalizer_spec
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        raise NotImplementedError("sentencepiece models with treat_whitespace_as_suffix are not supported")
+    steps = []
+    if normalizer_spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(normalizer_spec.precompiled_charsmap))
+    if normalizer_spec.remove_extra_whitespaces:
+        # sentencepiece: skip leading spaces, collapse runs of spaces ('\A'/'\z' because '^'/'$' are line anchors)
+        steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if normalizer_spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(_SPIECE_UNDERLINE))  # no-op on an empty string, like sentencepiece
+    if normalizer_spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", _SPIECE_UNDERLINE))
+    if normalizer_spec.remove_extra_whitespaces:
+        # sentencepiece drops trailing whitespace symbols after escaping (a literal trailing '▁' too)
+        steps.append(normalizers.Replace(Regex(_SPIECE_UNDERLINE + r"+\z"), ""))
+
+    decode_steps = [decoders.ByteFallback(), decoders.Fuse()]
+    if normalizer_spec.add_dummy_prefix:
+        # sentencepiece removes the dummy prefix of the first piece; with remove_extra_whitespaces it keeps
+        # removing leading '▁' until some text was produced. Byte-fallback spaces (<0x20>) are kept.
+        pattern = _SPIECE_UNDERLINE + ("+" if normalizer_spec.remove_extra_whitespaces else "")
+        decode_steps.append(decoders.Replace(Regex(r"\A" + pattern), ""))
+    if normalizer_spec.escape_whitespaces:
+        decode_steps.append(decoders.Replace(_SPIECE_UNDERLINE, " "))
+    return normalizers.Sequence(steps), decoders.Sequence(decode_steps)
+
+
+def _special(token) -> AddedToken | None:
+    if token is None:
+        return None
+    return AddedToken(str(token), lstrip=False, rstrip=False, normalized=False, special=True)
+
+
+def build_sentencepiece_exact_tokenizer(folder: str, model_file: str | None = None, **kwargs) -> PreTrainedTokenizerFast:
+    """Build the exact LaVIT tokenizer from a folder with ``tokenizer.model`` (+ ``tokenizer_config.json``)."""
+    model_file = model_file or os.path.join(folder, "tokenizer.model")
+    llama = LlamaTokenizer.from_pretrained(folder, legacy=True, **kwargs)
+    # Special tokens are matched on the raw text, as the slow tokenizer's trie did. (A `normalized=True`
+    # token would also stop being skipped by `decode(skip_special_tokens=True)` once the normalizer changes.)
+    serialized = json.loads(llama.backend_tokenizer.to_str())
+    for added in serialized.get("added_tokens", []):
+        added["normalized"] = False
+    backend = Tokenizer.from_str(json.dumps(serialized))
+    normalizer, decoder = _normalizer_and_decoder(_sentencepiece_proto(model_file))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = None  # sentencepiece BPE merges over the whole normalized text
+    backend.decoder = decoder
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=_special(llama.bos_token),
+        eos_token=_special(llama.eos_token),
+        unk_token=_special(llama.unk_token),
+        pad_token=_special(llama.pad_token if llama.pad_token is not None else llama.eos_token),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=llama.model_max_length,
+        legacy=True,
+    )
+
+
+def _optional_file(path_or_folder: str, filename: str, file_kwargs: dict) -> str | None:
+    return cached_file(
+        path_or_folder,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **file_kwargs,
+    )
+
+
+def load_lavit_tokenizer(path_or_folder: str | os.PathLike, **kwargs) -> PreTrainedTokenizerFast:
+    """Load LaVIT's text tokenizer with the original (sentencepiece, legacy) ids.
+
+    ``path_or_folder`` is a local folder or a Hub repository id (pass ``subfolder=`` for e.g. the
+    release's ``language_model``). Two layouts are understood:
+
+    * a folder saved by this function's tokenizer (``tokenizer.json`` with ``tokenizer_class``
+      ``TokenizersBackend``/``PreTrainedTokenizerFast``): loaded as saved;
+    * the release layout (``tokenizer.model`` + ``tokenizer_config.json``): rebuilt so that encoding
+      equals ``SentencePieceProcessor.encode`` and decoding ``SentencePieceProcessor.decode``.
+
+    The result pads on the left with ``</s>`` (id 2) unless ``padding_side`` / ``pad_token`` are given.
+    Prompts are tokenized with ``add_special_tokens=False`` in LaVIT (no BOS).
+    """
+    path_or_folder = os.fspath(path_or_folder)
+    padding_side = kwargs.pop("padding_side", "left")
+    pad_token = kwargs.pop("pad_token", None)
+    file_kwargs = {key: kwargs[key] for key in _FILE_KWARGS if key in kwargs}
+
+    tokenizer = None
+    config_file = _optional_file(path_or_folder, "tokenizer_config.json", file_kwargs)
+    tokenizer_class = None
+    if config_file is not None:
+        with open(config_file, encoding="utf-8") as handle:
+            tokenizer_class = json.load(handle).get("tokenizer_class")
+    if tokenizer_class in _BACKEND_CLASSES and _optional_file(path_or_folder, "tokenizer.json", file_kwargs):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path_or_folder, **kwargs)
+    else:
+        model_file = _optional_file(path_or_folder, "tokenizer.model", file_kwargs)
+        if model_file is None:
+            raise OSError(f"{path_or_folder} has neither a saved LaVIT tokenizer.json nor a sentencepiece tokenizer.model")
+        tokenizer = build_sentencepiece_exact_tokenizer(path_or_folder, model_file=model_file, **kwargs)
+
+    tokenizer.padding_side = padding_side
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
