@@ -1,0 +1,102 @@
+"""The `lavit` command line: outputs on the embedded tiny model, one-line errors, multi-process batches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from lavit_pipelines.cli import main
+
+FAST = ["--steps", "2", "--max-new-tokens", "21"]
+
+
+# One thread per process, so that one process and two processes compute the same floats.
+SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lavit_pipelines.cli", *args], capture_output=True, text=True, env=SINGLE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    PIL.Image.new("RGB", (40, 30), (200, 30, 10)).save(path)
+    return path
+
+
+def test_generate_on_embedded_model_is_reproducible(tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "a duck", "--output", str(first), "--seed", "3", *FAST]) == 0
+    assert "random weights" in capsys.readouterr().err
+    assert main(["generate", "a duck", "--output", str(second), "--seed", "3", *FAST]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    assert PIL.Image.open(first).size == (64, 64)
+
+
+def test_generate_several_images_and_image_prompt(tmp_path, photo):
+    out = tmp_path / "duck.png"
+    assert main(["generate", "<image> in the snow", "--image", str(photo), "--num-images", "2", "--output", str(out), *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["duck-0.png", "duck-1.png"]
+
+
+def test_reconstruct(tmp_path, photo):
+    out = tmp_path / "rec.png"
+    assert main(["reconstruct", str(photo), "--output", str(out), "--steps", "2"]) == 0
+    assert PIL.Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "a duck", "--output", "{tmp}/x.png", "--height", "30"], "--height must be a multiple of 8"),
+        (["generate", "a duck", "--output", "{tmp}/x.png", "--aspect-ratio", "5:1"], "--aspect-ratio must be one of"),
+        (["generate", "a duck", "--output", "{tmp}/x.gif2"], "--output must end in one of"),
+        (["generate", "a duck", "--output", "{tmp}/missing/x.png"], "does not exist"),
+        (["generate", "a duck"], "--output is required"),
+        (["generate", "<image> a duck", "--output", "{tmp}/x.png"], "1 <image> placeholders but 0 --image"),
+        (["generate", "<image> a duck", "--image", "{tmp}/nope.png", "--output", "{tmp}/x.png"], "no such file"),
+        (["generate", "--prompts", "{tmp}/p.txt"], "--prompts needs --output-dir"),
+        (["caption", "{tmp}/nope.jpg"], "no such file"),
+        (["convert", "{tmp}/no-checkpoint", "{tmp}/out"], "neither a folder nor a Hub repo id"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_no_output(tmp_path, capsys, args, message):
+    (tmp_path / "p.txt").write_text("a duck\n")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+
+
+def test_argparse_errors_exit_nonzero_without_traceback():
+    result = run_cli("generate", "a duck", "--steps", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "positive integer" in result.stderr
+
+
+def test_convert_command(checkpoint_dir, tmp_path):
+    out = tmp_path / "converted"
+    assert main(["convert", str(checkpoint_dir), str(out)]) == 0
+    assert (out / "model_index.json").is_file()
+    assert main(["convert", str(checkpoint_dir), str(out)]) == 2  # exists: refused without --overwrite
+
+
+def test_prompt_file_sharded_across_two_processes(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a duck\na cat\na dog\n")
+    args = ["generate", "--prompts", str(prompts), *FAST]
+    single = run_cli(*args, "--output-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "lavit_pipelines.cli", *args, "--output-dir", str(tmp_path / "two")]
+    double = subprocess.run(launch, capture_output=True, text=True, env=SINGLE_THREAD)
+    assert double.returncode == 0, double.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png"]
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
