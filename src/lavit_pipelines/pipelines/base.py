@@ -1,18 +1,54 @@
-"""What both LaVIT pipelines share: Hub download of a converted folder."""
+"""What both LaVIT pipelines share: Hub download of a converted folder and Hub upload with a model card."""
 
 import inspect
+import tempfile
+from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 
 # Files of a converted folder that loading needs (weights in safetensors only).
 _COMPONENT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")
 
+MODEL_CARD = """
+# {repo_id}
+
+[LaVIT](https://github.com/jy0205/LaVIT) (ICLR 2024): a LLaMA-2 language model that reads and writes images as
+dynamic discrete visual tokens, converted for [lavit-pipelines](https://pypi.org/project/lavit-pipelines/).
+
+## Usage
+
+```python
+import torch
+from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
+
+pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a sculpture of a duck made of wool").images[0]
+
+understanding = LavitUnderstandingPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+print(understanding.caption(image)[0])
+```
+
+The weights keep the LLaMA 2 Community License of the original release.
+"""
+
+
+def model_card(repo_id: str) -> ModelCard:
+    """Model card of a converted LaVIT folder: llama2 licence, pipeline tag, library name, usage."""
+    data = ModelCardData(
+        license="llama2",
+        library_name="lavit-pipelines",
+        pipeline_tag="text-to-image",
+        tags=["lavit", "diffusers", "text-to-image", "image-to-text", "visual-question-answering"],
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + MODEL_CARD.format(repo_id=repo_id))
+
 
 class LavitPipelineMixin:
-    """Downloads only the folders of the calling pipeline's components.
+    """Hub I/O for the LaVIT pipelines.
 
     diffusers' own `download` refuses `model_index.json` entries from libraries other than diffusers and
-    transformers; a converted LaVIT folder names `lavit_pipelines` modules, so we fetch it ourselves.
+    transformers; a converted LaVIT folder names `lavit_pipelines` modules, so we fetch it ourselves, and
+    only the folders of the calling pipeline's components.
     """
 
     @classmethod
@@ -34,4 +70,15 @@ class LavitPipelineMixin:
             revision=kwargs.get("revision"),
         )
 
-
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, **save_kwargs) -> str:
+        """`save_pretrained` into a temporary folder, add the model card, upload it to `repo_id`."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            model_card(repo_id).save(Path(folder) / "README.md")
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload LaVIT pipeline",
+                create_pr=create_pr,
+            )
