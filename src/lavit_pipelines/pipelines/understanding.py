@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
@@ -14,8 +14,6 @@ from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
 from .outputs import LavitUnderstandingPipelineOutput
-
-logger = logging.get_logger(__name__)
 
 VQA_PROMPT = "Question: {} Answer:"
 # The original's post-processing of VQA answers: keep what comes before the first of these, in this order.
@@ -66,6 +64,19 @@ def lemmatize_answers(answers: list[str], nlp) -> list[str]:
     return [" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(a.lower())) for a in answers]
 
 
+class _SuppressIdRange(LogitsProcessor):
+    """Sets the scores of ids `start ... stop - 1` to -inf: a slice, cheaper than `suppress_tokens`' per-step
+    `isin` over 16386 ids. Runs where `suppress_tokens` would: after the built-in processors, before sampling
+    warpers."""
+
+    def __init__(self, ids: range):
+        self.ids = ids
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids.start : self.ids.stop] = -float("inf")
+        return scores
+
+
 class _ProgressProcessor(LogitsProcessor):
     """Identity logits processor that advances a progress bar once per generated position."""
 
@@ -77,21 +88,18 @@ class _ProgressProcessor(LogitsProcessor):
         return scores
 
 
+@contextlib.contextmanager
 def _seeded_sampling(generator: torch.Generator | None, device: torch.device):
     """`generate` samples from torch's global RNG: reseed it from a number drawn from `generator`, inside
     `fork_rng` so the caller's global RNG state is left as it was. No-op without a generator."""
     if generator is None:
-        return contextlib.nullcontext()
+        yield
+        return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     accelerated = device.type not in ("cpu", "meta")
-
-    @contextlib.contextmanager
-    def seeded():
-        with torch.random.fork_rng(devices=[device] if accelerated else [], device_type=device.type if accelerated else "cuda"):
-            torch.manual_seed(seed)
-            yield
-
-    return seeded()
+    with torch.random.fork_rng(devices=[device] if accelerated else [], device_type=device.type if accelerated else "cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
@@ -153,11 +161,14 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
                     f"`prompt` has {len(prompt)} entries but `image` has {self._num_images(image)}; pass one prompt per "
                     f"image, or a single string for all."
                 )
-        for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+        counts = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "num_return_sequences": num_return_sequences}
+        for name, value in counts.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}.")
+            raise ValueError(
+                f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}."
+            )
         if not do_sample and num_return_sequences > num_beams:
             raise ValueError(
                 f"`num_return_sequences` ({num_return_sequences}) must be at most `num_beams` ({num_beams}) without sampling."
@@ -213,15 +224,17 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
             return embeds, mask
 
         prompts = [prompt] * len(rows) if isinstance(prompt, str) else list(prompt)
-        ids, prompt_mask = left_pad([self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts], self.pad_token_id)
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        ids, prompt_mask = left_pad(ids, self.pad_token_id)
         prompt_embeds, prompt_mask = self._embed(ids), prompt_mask.to(weight.device)
         if not pad_prompt_before_image:
             return torch.cat([embeds, prompt_embeds], dim=1), torch.cat([mask, prompt_mask], dim=1)
-        pads = (prompt_mask == 0).sum(dim=1).tolist()
-        order = [torch.cat([torch.arange(p), ids.shape[1] + torch.arange(length), torch.arange(p, ids.shape[1])]) for p in pads]
-        order = torch.stack(order).to(weight.device)
-        embeds, mask = torch.cat([prompt_embeds, embeds], dim=1), torch.cat([prompt_mask, mask], dim=1)
-        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        moved_embeds, moved_mask = [], []
+        for image_embeds, image_mask, text_embeds, text_mask in zip(embeds, mask, prompt_embeds, prompt_mask):
+            pads = int((text_mask == 0).sum())
+            moved_embeds.append(torch.cat([text_embeds[:pads], image_embeds, text_embeds[pads:]]))
+            moved_mask.append(torch.cat([text_mask[:pads], image_mask, text_mask[pads:]]))
+        return torch.stack(moved_embeds), torch.stack(moved_mask)
 
     # ------------------------------------------------------------------ call
 
@@ -275,8 +288,6 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
             length_penalty, repetition_penalty, num_return_sequences, generator, streamer,
         )
         features = self.encode_images(image, generator)
-        if isinstance(prompt, (list, tuple)) and len(prompt) != len(features):
-            raise ValueError(f"`prompt` has {len(prompt)} entries but `image` holds {len(features)} images.")
         inputs_embeds, attention_mask = self.prepare_inputs_embeds(features, prompt, pad_prompt_before_image)
 
         kwargs = {"num_beams": num_beams, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
@@ -284,18 +295,20 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
             kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         if num_beams > 1:
             kwargs.update(length_penalty=length_penalty, early_stopping=early_stopping)
-        with self.progress_bar(total=max_new_tokens) as progress, _seeded_sampling(generator if do_sample else None, self._execution_device):
+        seeded = _seeded_sampling(generator if do_sample else None, self._execution_device)
+        with self.progress_bar(total=max_new_tokens) as progress, seeded:
             sequences = self.language_model.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 num_return_sequences=num_return_sequences,
-                suppress_tokens=list(self.language_model.lavit_token_id_range),
                 bos_token_id=self.tokenizer.bos_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.pad_token_id,
-                logits_processor=LogitsProcessorList([_ProgressProcessor(progress)]),
+                logits_processor=LogitsProcessorList(
+                    [_SuppressIdRange(self.language_model.lavit_token_id_range), _ProgressProcessor(progress)]
+                ),
                 streamer=streamer,
                 **kwargs,
             )
