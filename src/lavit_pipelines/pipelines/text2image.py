@@ -19,6 +19,7 @@ from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, c
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
 from .outputs import LavitText2ImagePipelineOutput
+from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
 
 logger = logging.get_logger(__name__)
 
@@ -95,6 +96,27 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         self.visual_image_processor = LavitImageProcessor(
             **({k: visual_tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")} if visual_tokenizer else {})
         )
+        if None not in (language_model, pixel_decoder, unet):
+            self.check_components()
+
+    def check_components(self) -> None:
+        """ValueError naming the components whose dimensions do not fit together."""
+        codes = self.pixel_decoder.config.codebook_size
+        if self.language_model.config.visual_vocab_size != codes:
+            raise ValueError(
+                f"`language_model` has {self.language_model.config.visual_vocab_size} visual ids but `pixel_decoder` "
+                f"a codebook of {codes}."
+            )
+        if self.visual_tokenizer is not None and self.visual_tokenizer.config.codebook_size != codes:
+            raise ValueError(
+                f"`visual_tokenizer` has a codebook of {self.visual_tokenizer.config.codebook_size} but `pixel_decoder` of {codes}."
+            )
+        width = sum(self.pixel_decoder.config.prompt_embed_dims)
+        if self.unet.config.cross_attention_dim != width:
+            raise ValueError(
+                f"`unet` expects conditioning of width {self.unet.config.cross_attention_dim} but `pixel_decoder` "
+                f"gives {width}."
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, load_visual_tokenizer: bool = False, **kwargs):
@@ -152,8 +174,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
 
     def check_inputs(
         self, prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
-        do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, latents,
-        output_type, callback_on_step_end_tensor_inputs,
+        do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
+        latents, output_type, callback_on_step_end_tensor_inputs,
     ) -> None:
         """Raise a clear error for any invalid argument, before any model runs."""
         if (prompt is None) == (visual_token_ids is None):
@@ -163,18 +185,15 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             if image is not None:
                 raise ValueError("`image` is only used with `prompt`; `visual_token_ids` skips the language model.")
         else:
-            self._check_sampling(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
-            if any(self._images_per_prompt(self._as_prompt_list(prompt), image)) and self.visual_tokenizer is None:
-                raise ValueError(NO_VISUAL_TOKENIZER)
+            self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
+            self.check_image_prompts(self._as_prompt_list(prompt), image)
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, int) or size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {size!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        check_positive_int("num_inference_steps", num_inference_steps)
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be a non-negative number, got {guidance_scale!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if not set(callback_on_step_end_tensor_inputs or []) <= set(self._callback_tensor_inputs):
@@ -182,26 +201,30 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, "
                 f"got {callback_on_step_end_tensor_inputs}."
             )
-        if latents is not None and not isinstance(latents, torch.Tensor):
-            raise TypeError(f"`latents` must be a tensor, got {type(latents).__name__}.")
+        batch = (len(visual_token_ids) if visual_token_ids is not None else len(self._as_prompt_list(prompt)))
+        batch *= num_images_per_prompt
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be a tensor of shape {shape} for this batch and size, got {got}.")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
 
     @staticmethod
-    def _check_sampling(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens) -> None:
+    def check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
         if llm_guidance_scale is not None and (not isinstance(llm_guidance_scale, (int, float)) or llm_guidance_scale <= 0):
             raise ValueError(f"`llm_guidance_scale` must be a positive number, got {llm_guidance_scale!r}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-        if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(
-                f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}."
-            )
-        if do_sample:
-            if not isinstance(top_k, int) or top_k < 0:
-                raise ValueError(f"`top_k` must be a non-negative integer (0 disables it), got {top_k!r}.")
-            if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-                raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
-            if not isinstance(temperature, (int, float)) or temperature <= 0:
-                raise ValueError(f"`temperature` must be a positive number when sampling, got {temperature!r}.")
+        check_token_limits(min_new_tokens, max_new_tokens)
+        check_sampling(do_sample, top_k, top_p, temperature)
+
+    def check_image_prompts(self, prompts: list[str], image) -> list[list]:
+        """Images grouped per prompt, checked against the placeholders, the files and the visual tokenizer."""
+        images = self._images_per_prompt(prompts, image)
+        flat = [item for group in images for item in group]
+        check_image_items(flat)
+        if flat and self.visual_tokenizer is None:
+            raise ValueError(NO_VISUAL_TOKENIZER)
+        return images
 
     # ------------------------------------------------------------------ language-model stage
 
@@ -259,14 +282,12 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         `llm_guidance_scale` defaults to 4.0 for text prompts and 5.0 when the prompts hold images.
         """
         prompts = self._as_prompt_list(prompt)
-        images = self._images_per_prompt(prompts, image)
-        self._check_sampling(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
+        images = self.check_image_prompts(prompts, image)
+        self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
         if llm_guidance_scale is None:
             llm_guidance_scale = 5.0 if any(images) else 4.0
         encoded = self.encode_prompt(prompts, images, max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
-        if isinstance(generator, list) and len(generator) != len(rows):
-            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({len(rows)}).")
         config = self.language_model.config
         with self.progress_bar(total=max_new_tokens) as progress:
             generated = sample_visual_tokens(
@@ -317,12 +338,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """Initial noise (B, C, h/f, w/f), scaled by the scheduler's `init_noise_sigma`."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch_size}).")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape} for this batch and size, got {tuple(latents.shape)}.")
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def _step_kwargs(self, generator, eta: float) -> dict:
@@ -433,8 +450,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         height, width = height or default_size, width or default_size
         self.check_inputs(
             prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
-            do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, latents,
-            output_type, callback_on_step_end_tensor_inputs,
+            do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
+            latents, output_type, callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False

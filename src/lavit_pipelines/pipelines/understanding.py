@@ -14,6 +14,7 @@ from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
 from .outputs import LavitUnderstandingPipelineOutput
+from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
 
 VQA_PROMPT = "Question: {} Answer:"
 # The original's post-processing of VQA answers: keep what comes before the first of these, in this order.
@@ -161,31 +162,21 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
                     f"`prompt` has {len(prompt)} entries but `image` has {self._num_images(image)}; pass one prompt per "
                     f"image, or a single string for all."
                 )
-        counts = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "num_return_sequences": num_return_sequences}
-        for name, value in counts.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(
-                f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}."
-            )
+        for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+            check_positive_int(name, value)
+        check_token_limits(min_new_tokens, max_new_tokens)
         if not do_sample and num_return_sequences > num_beams:
             raise ValueError(
                 f"`num_return_sequences` ({num_return_sequences}) must be at most `num_beams` ({num_beams}) without sampling."
             )
-        if do_sample:
-            if not isinstance(temperature, (int, float)) or temperature <= 0:
-                raise ValueError(f"`temperature` must be a positive number when sampling, got {temperature!r}.")
-            if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-                raise ValueError(f"`top_p` must be in (0, 1] when sampling, got {top_p!r}.")
-            if not isinstance(top_k, int) or top_k < 0:
-                raise ValueError(f"`top_k` must be a non-negative integer (0 disables it), got {top_k!r}.")
+        check_sampling(do_sample, top_k, top_p, temperature)
         if not isinstance(length_penalty, (int, float)):
             raise TypeError(f"`length_penalty` must be a number, got {type(length_penalty).__name__}.")
         if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
             raise ValueError(f"`repetition_penalty` must be a positive number, got {repetition_penalty!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a single `torch.Generator`, got {type(generator).__name__}.")
+        check_image_items(list(image) if isinstance(image, (list, tuple)) else [image])
         if streamer is not None and num_beams > 1:
             raise ValueError("`streamer` cannot be used with beam search (`num_beams` > 1).")
 
