@@ -1,10 +1,17 @@
 """What both LaVIT pipelines share: Hub download of a converted folder and Hub upload with a model card."""
 
+import importlib
 import inspect
+import json
+import os
 import tempfile
 from pathlib import Path
 
+from accelerate import init_empty_weights
+from diffusers import ModelMixin
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from safetensors import safe_open
+from transformers import PreTrainedModel
 
 # Files of a converted folder that loading needs (weights in safetensors only).
 _COMPONENT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")
@@ -18,7 +25,6 @@ dynamic discrete visual tokens, converted for [lavit-pipelines](https://pypi.org
 ## Usage
 
 ```python
-import torch
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 
 pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
@@ -30,6 +36,29 @@ print(understanding.caption(image)[0])
 
 The weights keep the LLaMA 2 Community License of the original release.
 """
+
+
+def check_component_shapes(name: str, folder: Path, entry: list) -> None:
+    """ValueError naming the component when its weights do not fit the model its config describes.
+    Cheap: the model is built on the meta device and only the safetensors headers are read."""
+    model_cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+    if model_cls is None or not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
+        return
+    with init_empty_weights():
+        if issubclass(model_cls, ModelMixin):
+            model = model_cls.from_config(model_cls.load_config(folder))
+        else:
+            model = model_cls._from_config(model_cls.config_class.from_pretrained(folder))
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    for weights in sorted(folder.glob("*.safetensors")):
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    raise ValueError(
+                        f"The component `{name}` does not match its config: {weights.name} holds {key} of shape "
+                        f"{shape}, the config of {folder} expects {expected[key]}."
+                    )
 
 
 def model_card(repo_id: str) -> ModelCard:
@@ -55,6 +84,34 @@ class LavitPipelineMixin:
     def component_names(cls) -> list[str]:
         """Names of the `__init__` arguments that are components."""
         return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained` on a local folder or Hub id, after checking that the folder holds every
+        component this pipeline loads (diffusers would otherwise look for a missing one at the root)."""
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        cls.check_folder(Path(folder), passed=kwargs)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def check_folder(cls, folder: Path, passed: dict) -> None:
+        """FileNotFoundError/ValueError naming the first component the folder lacks (components in `passed` are
+        given by the caller and not loaded)."""
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a converted LaVIT folder: it has no model_index.json.")
+        index = json.loads(index_path.read_text())
+        for name in cls.component_names():
+            entry = index.get(name, [None, None])
+            if name in passed or entry[0] is None:
+                if entry[0] is None and name not in passed and name not in cls._optional_components:
+                    raise ValueError(f"{index_path} has no entry for the component `{name}`.")
+                continue
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"The component `{name}` is missing: {folder / name} does not exist.")
+            check_component_shapes(name, folder / name, entry)
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
