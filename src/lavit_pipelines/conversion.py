@@ -72,7 +72,7 @@ def _stage_keys(predictor: str, merger: str) -> list:
 STAGE1_KEYS = _stage_keys("token_predictor", "token_merger") + [
     (r"quantize\.embedding\.weight", "codebook.weight"),
     (r"encode_task_layer\.(\d)\.(weight|bias)", r"quantizer_proj.\1.\2"),
-    (r"vit_proj\.(weight|bias)", None),  # stage 1 has no LLM projection; stage 2's comes from visual_weight.bin
+    (r"vit_proj\.(weight|bias)", None),  # the LLM projection belongs to stage 2 (STAGE2_KEYS)
 ]
 STAGE2_KEYS = _stage_keys("understanding_predictor", "understanding_merger") + [
     (r"vit_proj\.(weight|bias)", r"llm_projection.\1"),
@@ -151,12 +151,10 @@ def convert_visual_tokenizer(src: Path, dtype) -> LavitVisualTokenizer:
     """EVA encoder + stage-1 (`tokenizer_encoder.bin`) + stage-2 (`visual_weight.bin` over stage 1)."""
     tokenizer_dir = src / "visual_tokenizer"
     state = mapped_state_dict(tokenizer_dir / "eva_vitg_psz14.bin", EVA_KEYS)
-    stage1_path = tokenizer_dir / "tokenizer_encoder.bin"
-    state.update(mapped_state_dict(stage1_path, STAGE1_KEYS))
-    # visual_weight.bin overrides every stage tensor it holds; stage 1 supplies any it lacks.
-    stage2 = {k: v for k, v in mapped_state_dict(stage1_path, STAGE2_KEYS).items() if "llm_projection" not in k}
-    stage2.update(mapped_state_dict(src / "language_model" / "visual_weight.bin", STAGE2_KEYS))
-    state.update(stage2)
+    # Stage 2 starts as a copy of stage 1 (as the original loads it), then visual_weight.bin overrides
+    # every tensor it holds.
+    state.update(mapped_state_dict(tokenizer_dir / "tokenizer_encoder.bin", STAGE1_KEYS, STAGE2_KEYS))
+    state.update(mapped_state_dict(src / "language_model" / "visual_weight.bin", STAGE2_KEYS))
     width = state["encoder.class_embedding"].shape[-1]
     patch = state["encoder.patch_embedding.weight"].shape[-1]
     grid = round((state["encoder.position_embedding"].shape[1] - 1) ** 0.5)

@@ -165,7 +165,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         else:
             images = [list(image) if isinstance(image, (list, tuple)) else [image]] if len(prompts) == 1 else None
         if images is None or len(images) != len(prompts) or [len(i) for i in images] != counts:
-            given = "no image" if image is None else f"{len(image) if hasattr(image, '__len__') else 1} image entries"
+            given = "no image" if image is None else f"{len(image) if isinstance(image, (list, tuple, torch.Tensor)) else 1} image entries"
             raise ValueError(
                 f"The prompts hold {counts} `{IMAGE_PLACEHOLDER}` placeholders but `image` has {given}; pass one image "
                 f"per placeholder (a list per prompt when `prompt` is a list)."
