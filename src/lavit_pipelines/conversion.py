@@ -208,10 +208,16 @@ def _llm_shards(lm_dir: Path) -> list[Path]:
     return [lm_dir / "pytorch_model.bin"]
 
 
-def convert_language_model(src: Path, dst: Path, dtype) -> None:
-    """Stream the LLaMA shards one by one into safetensors shards of the same split; write the configs."""
+def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) -> None:
+    """Stream the LLaMA shards one by one into safetensors shards of the same split; write the configs.
+    LaVIT's ids follow the text vocabulary: [IMG], [/IMG], then one id per visual code up to the vocab size."""
     lm_dir = src / "language_model"
-    config = LavitConfig.from_dict(LlamaConfig.from_pretrained(lm_dir).to_dict())
+    llama = LlamaConfig.from_pretrained(lm_dir).to_dict()
+    ids = dict(
+        image_start_token_id=text_vocab_size, image_end_token_id=text_vocab_size + 1,
+        visual_token_offset=text_vocab_size + 2, visual_vocab_size=llama["vocab_size"] - text_vocab_size - 2,
+    )
+    config = LavitConfig.from_dict({**llama, **ids})
     with init_empty_weights():
         expected = set(LavitForCausalLM(config).state_dict())
     shards = _llm_shards(lm_dir)
@@ -241,11 +247,11 @@ def convert_language_model(src: Path, dst: Path, dtype) -> None:
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(dst)
 
 
-def save_tokenizer(src: Path, dst: Path) -> type:
-    """LaVIT's LLaMA tokenizer (left padding, eos as pad, as the original sets it); returns its class."""
+def save_tokenizer(src: Path, dst: Path):
+    """LaVIT's LLaMA tokenizer (left padding, eos as pad, as the original sets it); returns it."""
     tokenizer = load_lavit_tokenizer(src / "language_model")
     tokenizer.save_pretrained(dst)
-    return type(tokenizer)
+    return tokenizer
 
 
 def _source_dtype(path: Path) -> torch.dtype:
@@ -259,9 +265,12 @@ def _source_dtype(path: Path) -> torch.dtype:
 def convert_diffusion_model(model_cls, folder: Path, dst: Path, dtype) -> None:
     """UNet or VAE through diffusers' own loader (which knows older key layouts), keeping the source dtype."""
     weights = next(folder.glob("diffusion_pytorch_model.*"))
-    model = model_cls.from_pretrained(
-        folder, use_safetensors=weights.suffix == ".safetensors", torch_dtype=dtype or _source_dtype(weights)
-    )
+    try:
+        model = model_cls.from_pretrained(
+            folder, use_safetensors=weights.suffix == ".safetensors", torch_dtype=dtype or _source_dtype(weights)
+        )
+    except Exception as error:  # noqa: BLE001 - a truncated file or a broken config: name the file
+        raise ValueError(f"Could not read {weights} with its config: {error}") from error
     model.save_pretrained(dst)
 
 
@@ -318,15 +327,15 @@ def check_source(src: Path, variant: str) -> None:
 def write_components(src: Path, out: Path, variant: str, dtype) -> None:
     """Every component into `out/<name>/`, then `model_index.json`."""
     folder = src / PIXEL_DECODERS[variant][0]
-    tokenizer_cls = save_tokenizer(src, out / "tokenizer")
-    convert_language_model(src, out / "language_model", dtype)
+    tokenizer = save_tokenizer(src, out / "tokenizer")
+    convert_language_model(src, out / "language_model", dtype, len(tokenizer))
     convert_visual_tokenizer(src, dtype).save_pretrained(out / "visual_tokenizer")
     convert_pixel_decoder(src, variant, dtype).save_pretrained(out / "pixel_decoder")
     convert_diffusion_model(UNet2DConditionModel, folder / "unet", out / "unet", dtype)
     convert_diffusion_model(AutoencoderKL, folder / "vae", out / "vae", dtype)
     convert_scheduler(folder / "scheduler", out / "scheduler")
     classes = {
-        "tokenizer": tokenizer_cls,
+        "tokenizer": type(tokenizer),
         "language_model": LavitForCausalLM,
         "visual_tokenizer": LavitVisualTokenizer,
         "pixel_decoder": LavitPixelDecoder,
