@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers import __version__ as diffusers_version
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig
 
 from .models.language_model import LavitConfig, LavitForCausalLM
@@ -140,7 +140,7 @@ def _count_blocks(state: dict, prefix: str) -> int:
 def _build(model_cls, config: dict, state: dict, dtype: torch.dtype | None):
     """Instantiate on the meta device and assign `state` (strict: every parameter filled, nothing extra)."""
     with init_empty_weights():
-        model = model_cls(**config)
+        model = model_cls.from_config(config)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -249,7 +249,10 @@ def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) ->
 
 def save_tokenizer(src: Path, dst: Path):
     """LaVIT's LLaMA tokenizer (left padding, eos as pad, as the original sets it); returns it."""
-    tokenizer = load_lavit_tokenizer(src / "language_model")
+    try:
+        tokenizer = load_lavit_tokenizer(src / "language_model")
+    except Exception as error:  # noqa: BLE001 - a corrupt sentencepiece model: name the file
+        raise ValueError(f"Could not read {src / 'language_model' / 'tokenizer.model'}: {error}") from error
     tokenizer.save_pretrained(dst)
     return tokenizer
 
@@ -262,11 +265,23 @@ def _source_dtype(path: Path) -> torch.dtype:
     return next(v for v in load_tensors(path).values() if v.is_floating_point()).dtype
 
 
-def convert_diffusion_model(model_cls, folder: Path, dst: Path, dtype) -> None:
-    """UNet or VAE through diffusers' own loader (which knows older key layouts), keeping the source dtype."""
+def convert_unet(folder: Path, dst: Path, dtype) -> None:
+    """The UNet (the release's largest file), streamed: memory-mapped tensors assigned to a model built on the
+    meta device, so memory stays near the file's size. Its keys are diffusers' current ones."""
+    weights = next(folder.glob("diffusion_pytorch_model.*"))
+    state = load_file(weights) if weights.suffix == ".safetensors" else load_tensors(weights)
+    try:
+        model = _build(UNet2DConditionModel, UNet2DConditionModel.load_config(folder), state, dtype)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ValueError(f"{weights} does not fit {folder / 'config.json'}: {error}") from error
+    model.save_pretrained(dst)
+
+
+def convert_vae(folder: Path, dst: Path, dtype) -> None:
+    """The VAE through diffusers' own loader, which knows the older attention key layout of SD-1.5's VAE."""
     weights = next(folder.glob("diffusion_pytorch_model.*"))
     try:
-        model = model_cls.from_pretrained(
+        model = AutoencoderKL.from_pretrained(
             folder, use_safetensors=weights.suffix == ".safetensors", torch_dtype=dtype or _source_dtype(weights)
         )
     except Exception as error:  # noqa: BLE001 - a truncated file or a broken config: name the file
@@ -331,8 +346,8 @@ def write_components(src: Path, out: Path, variant: str, dtype) -> None:
     convert_language_model(src, out / "language_model", dtype, len(tokenizer))
     convert_visual_tokenizer(src, dtype).save_pretrained(out / "visual_tokenizer")
     convert_pixel_decoder(src, variant, dtype).save_pretrained(out / "pixel_decoder")
-    convert_diffusion_model(UNet2DConditionModel, folder / "unet", out / "unet", dtype)
-    convert_diffusion_model(AutoencoderKL, folder / "vae", out / "vae", dtype)
+    convert_unet(folder / "unet", out / "unet", dtype)
+    convert_vae(folder / "vae", out / "vae", dtype)
     convert_scheduler(folder / "scheduler", out / "scheduler")
     classes = {
         "tokenizer": type(tokenizer),
