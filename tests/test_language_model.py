@@ -133,9 +133,7 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 def test_id_helpers():
     model = tiny_model()
-    assert model.image_start_token_id == 100 and model.image_end_token_id == 101
-    assert model.visual_token_offset == 102 and model.visual_vocab_size == 26
-    assert model.visual_token_id_range == range(102, 128)
+    assert model.config.visual_token_id_range == range(102, 128)
     assert model.lavit_token_id_range == range(100, 128)
     ids = torch.tensor([5, 100, 102, 127, 101, 99, 115])
     assert model.is_visual_token(ids).tolist() == [False, False, True, True, False, False, True]
@@ -157,7 +155,7 @@ def test_release_language_model_reproduces_reference_logits(checkpoint_dir, refe
     ).keys()
     assert set(model.state_dict().keys()) == set(llama_keys)
 
-    ids = torch.tensor([reference_json["t2i_prompt_ids"] + [model.image_start_token_id]])
+    ids = torch.tensor([reference_json["t2i_prompt_ids"] + [model.config.image_start_token_id]])
     with torch.no_grad():
         logits = model(ids).logits[0]
     expected = tensors["t2i_prompt_logits"]

@@ -83,28 +83,6 @@ class LavitForCausalLM(LlamaForCausalLM):
 
     config_class = LavitConfig
 
-    # ------------------------------------------------------------------ id helpers
-    @property
-    def image_start_token_id(self) -> int:
-        return self.config.image_start_token_id
-
-    @property
-    def image_end_token_id(self) -> int:
-        return self.config.image_end_token_id
-
-    @property
-    def visual_token_offset(self) -> int:
-        return self.config.visual_token_offset
-
-    @property
-    def visual_vocab_size(self) -> int:
-        return self.config.visual_vocab_size
-
-    @property
-    def visual_token_id_range(self) -> range:
-        """Token ids of the visual codes (32002 ... 48385 for the release)."""
-        return self.config.visual_token_id_range
-
     @property
     def lavit_token_id_range(self) -> range:
         """Every LaVIT-specific id: [IMG], [/IMG] and the visual codes (32000 ... 48385 for the release).

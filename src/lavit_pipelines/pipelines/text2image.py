@@ -238,7 +238,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             ids = []
             for i, segment in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
                 if i > 0:
-                    ids += (next(image_codes).cpu() + config.visual_token_offset).tolist()
+                    ids += self.language_model.codes_to_token_ids(next(image_codes).cpu()).tolist()
                 if segment.strip():
                     ids += self.tokenizer(segment.strip(), add_special_tokens=False).input_ids
             encoded.append(torch.tensor(self._truncate(ids, max_new_tokens) + [config.image_start_token_id]))
