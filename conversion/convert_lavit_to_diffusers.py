@@ -16,13 +16,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pixel_decoder", choices=sorted(PIXEL_DECODERS), default="highres")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the source dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty dump_path")
+    parser.add_argument("--safety_checker", action="store_true", help="include the release's SD safety checker")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out = convert(args.checkpoint_path, args.dump_path, args.pixel_decoder, args.dtype, args.overwrite)
+        out = convert(
+            args.checkpoint_path, args.dump_path, args.pixel_decoder, args.dtype, args.overwrite, args.safety_checker
+        )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -169,3 +169,17 @@ def test_incompatible_components_passed_in_are_named(t2i):
                               output_dim=16, prompt_embed_dims=(8, 8), pooled_embed_dim=8)
     with pytest.raises(ValueError, match="`pixel_decoder`"):
         LavitText2ImagePipeline(**{**t2i.components, "pixel_decoder": other})
+
+
+def test_interrupted_conversion_leaves_nothing(checkpoint_dir, tmp_path, monkeypatch):
+    from lavit_pipelines import conversion
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conversion, "convert_vae", interrupt)
+    parent = tmp_path / "out"
+    parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        conversion.convert(str(checkpoint_dir), str(parent / "lavit"))
+    assert list(parent.iterdir()) == []

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--pixel-decoder", choices=("highres", "lowres"), default="highres")
     conv.add_argument("--dtype", choices=DTYPES)
     conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
     return parser
 
 
@@ -259,7 +260,7 @@ def run_reconstruct(args) -> None:
 def run_convert(args) -> None:
     from .conversion import convert
 
-    print(convert(args.src, args.dst, args.pixel_decoder, args.dtype, args.overwrite))
+    print(convert(args.src, args.dst, args.pixel_decoder, args.dtype, args.overwrite, args.safety_checker))
 
 
 COMMANDS = {

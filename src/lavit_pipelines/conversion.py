@@ -18,9 +18,10 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers import __version__ as diffusers_version
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig
+from transformers import CLIPImageProcessor, GenerationConfig, LlamaConfig
 
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import LavitPixelDecoder
@@ -294,7 +295,10 @@ def convert_scheduler(folder: Path, dst: Path) -> None:
     DDIMScheduler.from_config(DDIMScheduler.load_config(folder)).save_pretrained(dst)
 
 
-def required_files(variant: str) -> list[str]:
+SAFETY_FILES = ["pixel_decoding/safety_checker/config.json", "pixel_decoding/feature_extractor/preprocessor_config.json"]
+
+
+def required_files(variant: str, safety_checker: bool = False) -> list[str]:
     """Release files the conversion reads (LLM weights are checked separately: one file or an index + shards)."""
     folder, decoder_file = PIXEL_DECODERS[variant]
     files = [
@@ -308,10 +312,11 @@ def required_files(variant: str) -> list[str]:
         f"{folder}/vae/config.json",
         f"{folder}/scheduler/scheduler_config.json",
     ]
-    return files + ([f"{folder}/uncond_embeddings.bin"] if variant == "lowres" else [])
+    files += [f"{folder}/uncond_embeddings.bin"] if variant == "lowres" else []
+    return files + (SAFETY_FILES if safety_checker else [])
 
 
-def resolve_source(checkpoint: str, variant: str) -> Path:
+def resolve_source(checkpoint: str, variant: str, safety_checker: bool = False) -> Path:
     """A local release folder, or a Hub repo id downloaded with only the files this conversion needs."""
     if os.path.isdir(checkpoint):
         return Path(checkpoint)
@@ -320,15 +325,16 @@ def resolve_source(checkpoint: str, variant: str) -> Path:
     from huggingface_hub import snapshot_download
 
     folder = PIXEL_DECODERS[variant][0]
-    patterns = required_files(variant) + ["language_model/pytorch_model*", f"{folder}/unet/*", f"{folder}/vae/*"]
+    patterns = required_files(variant, safety_checker) + ["language_model/pytorch_model*", f"{folder}/unet/*", f"{folder}/vae/*"]
+    patterns += ["pixel_decoding/safety_checker/*"] if safety_checker else []
     return Path(snapshot_download(checkpoint, allow_patterns=patterns))
 
 
-def check_source(src: Path, variant: str) -> None:
+def check_source(src: Path, variant: str, safety_checker: bool = False) -> None:
     """FileNotFoundError naming the first missing release file, before anything is written."""
     llm = src / "language_model"
     llm_weights = [llm / "pytorch_model.bin.index.json"] if (llm / "pytorch_model.bin.index.json").is_file() else []
-    needed = [src / f for f in required_files(variant)]
+    needed = [src / f for f in required_files(variant, safety_checker)]
     needed += _llm_shards(llm) if llm_weights or (llm / "pytorch_model.bin").is_file() else [llm / "pytorch_model.bin"]
     folder = src / PIXEL_DECODERS[variant][0]
     for sub in ("unet", "vae"):
@@ -339,8 +345,9 @@ def check_source(src: Path, variant: str) -> None:
             raise FileNotFoundError(f"Missing release file {path} (expected the rain1011/LaVIT-7B-v2 layout).")
 
 
-def write_components(src: Path, out: Path, variant: str, dtype) -> None:
-    """Every component into `out/<name>/`, then `model_index.json`."""
+def write_components(src: Path, out: Path, variant: str, dtype, safety_checker: bool = False) -> None:
+    """Every component into `out/<name>/`, then `model_index.json`. The safety checker and its feature
+    extractor are already in Hugging Face format and are copied as they are."""
     folder = src / PIXEL_DECODERS[variant][0]
     tokenizer = save_tokenizer(src, out / "tokenizer")
     convert_language_model(src, out / "language_model", dtype, len(tokenizer))
@@ -358,6 +365,10 @@ def write_components(src: Path, out: Path, variant: str, dtype) -> None:
         "vae": AutoencoderKL,
         "scheduler": DDIMScheduler,
     }
+    if safety_checker:
+        for name, cls in (("safety_checker", StableDiffusionSafetyChecker), ("feature_extractor", CLIPImageProcessor)):
+            shutil.copytree(src / "pixel_decoding" / name, out / name, ignore=shutil.ignore_patterns("*.bin", "*.msgpack"))
+            classes[name] = cls
     index = {"_class_name": "LavitText2ImagePipeline", "_diffusers_version": diffusers_version}
     index.update({name: list(_fetch_class_library_tuple(cls)) for name, cls in classes.items()})
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -374,9 +385,13 @@ def _move_into_place(staging: Path, dst: Path) -> None:
     shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
 
 
-def convert(checkpoint: str, dump_path: str, variant: str = "highres", dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Convert `checkpoint` (folder or Hub id) into `dump_path`. Refuses a non-empty `dump_path` unless
-    `overwrite`; writes into a temporary sibling folder and moves it into place only when complete."""
+def convert(
+    checkpoint: str, dump_path: str, variant: str = "highres", dtype: str | None = None, overwrite: bool = False,
+    safety_checker: bool = False,
+) -> Path:
+    """Convert `checkpoint` (folder or Hub id) into `dump_path`, with the release's safety checker if asked.
+    Refuses a non-empty `dump_path` unless `overwrite`; writes into a temporary sibling folder and moves it
+    into place only when complete."""
     if variant not in PIXEL_DECODERS:
         raise ValueError(f"`pixel_decoder` must be one of {sorted(PIXEL_DECODERS)}, got {variant!r}.")
     if dtype is not None and dtype not in DTYPES:
@@ -384,12 +399,12 @@ def convert(checkpoint: str, dump_path: str, variant: str = "highres", dtype: st
     dst = Path(dump_path).absolute()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"`dump_path` {dst} exists and is not empty; pass --overwrite to replace it.")
-    src = resolve_source(checkpoint, variant)
-    check_source(src, variant)
+    src = resolve_source(checkpoint, variant, safety_checker)
+    check_source(src, variant, safety_checker)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
     try:
-        write_components(src, staging, variant, DTYPES.get(dtype))
+        write_components(src, staging, variant, DTYPES.get(dtype), safety_checker)
         _move_into_place(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import diffusers.pipelines
 from accelerate import init_empty_weights
 from diffusers import ModelMixin
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
@@ -41,7 +42,8 @@ The weights keep the LLaMA 2 Community License of the original release.
 def check_component_shapes(name: str, folder: Path, entry: list) -> None:
     """ValueError naming the component when its weights do not fit the model its config describes.
     Cheap: the model is built on the meta device and only the safetensors headers are read."""
-    model_cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+    library = getattr(diffusers.pipelines, entry[0], None) or importlib.import_module(entry[0])  # e.g. "stable_diffusion"
+    model_cls = getattr(library, entry[1], None)
     if model_cls is None or not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
     with init_empty_weights():
