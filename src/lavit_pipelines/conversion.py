@@ -21,7 +21,7 @@ from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tupl
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, GenerationConfig, LlamaConfig
+from transformers import GenerationConfig, LlamaConfig
 
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import LavitPixelDecoder
@@ -366,6 +366,8 @@ def write_components(src: Path, out: Path, variant: str, dtype, safety_checker: 
         "scheduler": DDIMScheduler,
     }
     if safety_checker:
+        from transformers import CLIPImageProcessor  # imported here: without torchvision it logs a fallback notice
+
         for name, cls in (("safety_checker", StableDiffusionSafetyChecker), ("feature_extractor", CLIPImageProcessor)):
             shutil.copytree(src / "pixel_decoding" / name, out / name, ignore=shutil.ignore_patterns("*.bin", "*.msgpack"))
             classes[name] = cls

@@ -276,10 +276,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         max_new_tokens: int = 200,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        cache_implementation: str = "dynamic",
+        compile: bool = False,
     ) -> list[torch.Tensor]:
         """The language-model stage alone: prompts -> per image a LongTensor of codebook indices.
 
         `llm_guidance_scale` defaults to 4.0 for text prompts and 5.0 when the prompts hold images.
+        `cache_implementation="static"` (optionally with `compile=True`) decodes with a preallocated KV cache and
+        fixed shapes, for `torch.compile`/CUDA graphs; the tokens are the same (see `docs/speed.md`).
         """
         prompts = self._as_prompt_list(prompt)
         images = self.check_image_prompts(prompts, image)
@@ -306,6 +310,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 top_p=top_p,
                 generator=generator,
                 progress_bar=progress,
+                cache_implementation=cache_implementation,
+                compile=compile,
             )
         return [self.language_model.token_ids_to_codes(row) for row in generated]
 
@@ -418,6 +424,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        llm_decoding_kwargs: dict | None = None,
     ):
         r"""Generate images from prompts, or decode given visual tokens.
 
@@ -438,6 +445,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             eta: DDIM eta. output_type: "pil", "np", "pt" or "latent". return_dict: return the output class.
             callback_on_step_end, callback_on_step_end_tensor_inputs: called after every denoising step with
                 the named tensors (`latents`, `prompt_embeds`); returned tensors replace them.
+            llm_decoding_kwargs: passed to `generate_visual_tokens`: `cache_implementation` ("dynamic" or
+                "static") and `compile`.
 
         Examples:
 
@@ -460,7 +469,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         if visual_token_ids is None:
             visual_token_ids = self.generate_visual_tokens(
                 prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens,
-                max_new_tokens, num_images_per_prompt, generator,
+                max_new_tokens, num_images_per_prompt, generator, **(llm_decoding_kwargs or {}),
             )
         else:
             visual_token_ids = [torch.as_tensor(ids) for ids in visual_token_ids for _ in range(num_images_per_prompt)]
