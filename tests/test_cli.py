@@ -62,6 +62,8 @@ def test_reconstruct(tmp_path, photo):
         (["generate", "--prompts", "{tmp}/p.txt"], "--prompts needs --output-dir"),
         (["caption", "{tmp}/nope.jpg"], "no such file"),
         (["convert", "{tmp}/no-checkpoint", "{tmp}/out"], "neither a folder nor a Hub repo id"),
+        (["generate", "a duck", "--output", "{tmp}/x.png", "--model", "{tmp}/no-model"], "neither a converted LaVIT folder"),
+        (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "-2"], "--guidance-scale must be"),
     ],
 )
 def test_bad_arguments_give_one_line_and_no_output(tmp_path, capsys, args, message):

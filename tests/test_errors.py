@@ -70,6 +70,7 @@ def guarded(t2i):
         (dict(visual_token_ids=[torch.arange(9)], latents=torch.zeros(1, 4, 4, 4), height=64, width=64), ValueError, "`latents`"),
         (dict(visual_token_ids=[torch.arange(9)], generator=[torch.Generator()] * 3), ValueError, "`generator`"),
         (dict(visual_token_ids=[torch.arange(9)], output_type="jpeg"), ValueError, "`output_type`"),
+        (dict(visual_token_ids=[torch.arange(9)], generator=42), TypeError, "`generator`"),
         (dict(visual_token_ids=[torch.arange(9)], callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
     ],
 )

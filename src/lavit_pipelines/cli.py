@@ -112,6 +112,10 @@ def image_size(args) -> tuple[int | None, int | None]:
 
 def check_generate(args) -> None:
     image_size(args)
+    if args.guidance_scale < 0:
+        raise UsageError(f"--guidance-scale must be non-negative, got {args.guidance_scale}")
+    if args.llm_guidance_scale is not None and args.llm_guidance_scale <= 0:
+        raise UsageError(f"--llm-guidance-scale must be positive, got {args.llm_guidance_scale}")
     if args.prompts:
         if args.prompt or args.output or args.image:
             raise UsageError("--prompts takes no PROMPT, --output or --image; use --output-dir")
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
         if args.command == "generate":
             check_generate(args)
         COMMANDS[args.command](args)
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as error:
+    except (UsageError, OSError, ValueError, TypeError, KeyError) as error:  # OSError: files, Hub, network
         print(f"lavit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -91,8 +91,10 @@ class LavitPipelineMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' `from_pretrained` on a local folder or Hub id, after checking that the folder holds every
         component this pipeline loads (diffusers would otherwise look for a missing one at the root)."""
-        folder = pretrained_model_name_or_path
+        folder = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
+            if os.path.exists(folder) or folder.startswith((".", "/", "~")) or folder.count("/") != 1:
+                raise FileNotFoundError(f"{folder!r} is neither a converted LaVIT folder nor a Hub repo id.")
             folder = cls.download(folder, **kwargs)
         cls.check_folder(Path(folder), passed=kwargs)
         return super().from_pretrained(folder, **kwargs)
