@@ -52,6 +52,7 @@ def guarded(t2i):
         (dict(prompt="a", temperature=0.0), ValueError, "`temperature`"),
         (dict(prompt="a", min_new_tokens=50, max_new_tokens=10), ValueError, "`min_new_tokens`"),
         (dict(prompt="a", max_new_tokens=0), ValueError, "`max_new_tokens`"),
+        (dict(prompt="a", max_new_tokens=10**6), ValueError, "leave room for the prompt"),
         (dict(prompt="a", num_images_per_prompt=0), ValueError, "`num_images_per_prompt`"),
         (dict(prompt=7), TypeError, "`prompt` must be a string"),
         (dict(prompt=[]), TypeError, "`prompt`"),

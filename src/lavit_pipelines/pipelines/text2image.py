@@ -213,11 +213,13 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
 
-    @staticmethod
-    def check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
+    def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
         if llm_guidance_scale is not None and (not isinstance(llm_guidance_scale, (int, float)) or llm_guidance_scale <= 0):
             raise ValueError(f"`llm_guidance_scale` must be a positive number, got {llm_guidance_scale!r}.")
         check_token_limits(min_new_tokens, max_new_tokens)
+        context = self.language_model.config.max_position_embeddings
+        if max_new_tokens >= context - 1:
+            raise ValueError(f"`max_new_tokens` must leave room for the prompt in the {context}-token context, got {max_new_tokens}.")
         check_sampling(do_sample, top_k, top_p, temperature)
 
     def check_image_prompts(self, prompts: list[str], image) -> list[list]:
