@@ -248,3 +248,27 @@ def test_execution_device_sees_through_offload_hooks(llm):
     meta.model.embed_tokens._hf_hook = Hook()
     assert generation.execution_device(meta) == torch.device("cpu")
     assert generation.execution_device(llm) == torch.device("cpu")
+
+
+def test_vision_components_compute_the_same_under_per_module_offload_hooks(converted_dir, reference):
+    """`enable_sequential_cpu_offload` hooks every leaf module: each weight must be used through its own module's
+    forward (EVA's qkv, the codebook lookup) and outputs must survive accelerate's device moves."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    from lavit_pipelines import LavitPixelDecoder, LavitVisualTokenizer
+
+    pixels = reference[1]["pixel_values"]
+    tokenizer = LavitVisualTokenizer.from_pretrained(converted_dir / "visual_tokenizer")
+    decoder = LavitPixelDecoder.from_pretrained(converted_dir / "pixel_decoder")
+    hooked_tokenizer, hooked_decoder = copy.deepcopy(tokenizer), copy.deepcopy(decoder)
+    for model in (hooked_tokenizer, hooked_decoder):
+        cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=True)
+    with torch.no_grad():
+        codes = tokenizer.tokenize(pixels, generator=torch.Generator().manual_seed(0))
+        hooked_codes = hooked_tokenizer.tokenize(pixels, generator=torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(codes, hooked_codes))
+        plain, hooked = decoder(codes), hooked_decoder(codes)
+    torch.testing.assert_close(hooked.prompt_embeds, plain.prompt_embeds)
+    torch.testing.assert_close(hooked.pooled_prompt_embeds, plain.pooled_prompt_embeds)

@@ -1,7 +1,6 @@
 """EVA-CLIP ViT-G/14 image encoder, as LaVIT uses it: patch features after the last block, no final norm."""
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
@@ -18,8 +17,7 @@ class EvaSelfAttention(SelfAttention):
         self.v_bias = nn.Parameter(torch.zeros(dim))
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        return F.linear(x, self.qkv.weight, bias)
+        return self.qkv(x) + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
 
 class EvaBlock(nn.Module):

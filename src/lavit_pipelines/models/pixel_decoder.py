@@ -24,8 +24,8 @@ class LavitPixelDecoderOutput(BaseOutput):
     """
 
     prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor | None
-    negative_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None  # defaults: accelerate rebuilds outputs as `cls(dict)`
+    pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     prompt_attention_mask: torch.Tensor | None = None
     negative_prompt_attention_mask: torch.Tensor | None = None
@@ -138,7 +138,12 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
         prompt_embeds = torch.cat([proj(decoded) for proj in self.prompt_projections], dim=-1)
         if self.config.variant == "highres":
             pooled = self.pooler(decoded)
-            return LavitPixelDecoderOutput(prompt_embeds, pooled, torch.zeros_like(prompt_embeds), torch.zeros_like(pooled))
+            return LavitPixelDecoderOutput(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=torch.zeros_like(prompt_embeds),
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+            )
         return self._lowres_output(prompt_embeds)
 
     def _lowres_output(self, prompt_embeds: torch.Tensor) -> LavitPixelDecoderOutput:
@@ -150,9 +155,8 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
         negative_mask = torch.zeros(batch, length, dtype=torch.bool, device=prompt_embeds.device)
         negative_mask[:, :n] = True
         return LavitPixelDecoderOutput(
-            prompt_embeds,
-            None,
-            negative,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
             prompt_attention_mask=torch.ones_like(negative_mask),
             negative_prompt_attention_mask=negative_mask,
         )

@@ -57,6 +57,20 @@ class TokenMerger(nn.Module):
         return self.output_norm(x)
 
 
+class NearestCodebook(nn.Module):
+    """The codebook (N, D); its forward maps l2-normalised vectors to the index of the nearest code."""
+
+    def __init__(self, num_codes: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_codes, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (n, D) -> (n,) argmin of the squared L2 distance, computed as |z|² + |e|² - 2 z·e in float32."""
+        z, codebook = z.float(), self.weight.float()
+        distances = z.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * z @ codebook.T
+        return distances.argmin(dim=1)
+
+
 def sample_keep_mask(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
     """Gumbel-max over (keep, drop): logprobs (B, N, 2) -> keep (B, N) bool.
 
@@ -118,7 +132,7 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
         self.quantizer_proj = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, codebook_dim)
         )
-        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+        self.codebook = NearestCodebook(codebook_size, codebook_dim)
         self.understanding_predictor = TokenPredictor(hidden_size, norm_eps)
         self.understanding_merger = TokenMerger(hidden_size, merger_layers, heads, merger_mlp_dim, norm_eps)
         self.llm_projection = nn.Linear(hidden_size, llm_hidden_size)
@@ -129,10 +143,7 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
 
     def quantize(self, features: torch.Tensor) -> torch.Tensor:
         """Merged features (n, C) -> nearest codebook indices (n,) after the task layer and l2-norm."""
-        z = F.normalize(self.quantizer_proj(features), dim=-1).float()
-        codebook = self.codebook.weight.float()
-        distances = z.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * z @ codebook.T
-        return distances.argmin(dim=1)
+        return self.codebook(F.normalize(self.quantizer_proj(features), dim=-1))
 
     @apply_forward_hook
     def tokenize(self, pixel_values: torch.Tensor, generator=None) -> list[torch.Tensor]:
