@@ -43,6 +43,14 @@ def test_generate_several_images_and_image_prompt(tmp_path, photo):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["duck-0.png", "duck-1.png"]
 
 
+@pytest.mark.parametrize("command", [["caption"], ["ask", "QUESTION"]])
+def test_caption_and_ask_print_one_line(photo, capsys, command):
+    argv = [command[0], str(photo), *command[1:]]
+    assert main([a.replace("QUESTION", "what is it?") for a in argv]) == 0
+    out = capsys.readouterr().out  # random weights: the text may hold any character but a newline
+    assert out.endswith("\n") and out.count("\n") == 1
+
+
 def test_reconstruct(tmp_path, photo):
     out = tmp_path / "rec.png"
     assert main(["reconstruct", str(photo), "--output", str(out), "--steps", "2"]) == 0
