@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -26,7 +28,7 @@ from lavit_pipelines.conversion import (
     convert_visual_tokenizer,
     map_key,
 )
-from lavit_pipelines.pipelines.text2image import LavitText2ImagePipeline
+from lavit_pipelines.pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "conversion" / "convert_lavit_to_diffusers.py"
@@ -322,3 +324,14 @@ def test_unseen_dimensions_convert_end_to_end(unseen_checkpoint, tmp_path):
     pipe = LavitText2ImagePipeline.from_pretrained(out, load_visual_tokenizer=True)
     assert public_config(pipe.visual_tokenizer.config) == configs["visual_tokenizer"]
     assert public_config(pipe.pixel_decoder.config) == configs["pixel_decoder"]
+
+    # Both pipelines run on it: an image+text prompt to an image, and a caption.
+    pipe.set_progress_bar_config(disable=True)
+    image = PIL.Image.new("RGB", (40, 30), (200, 100, 0))
+    result = pipe("<image> in the snow", image=image, max_new_tokens=30, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np")
+    assert result.images.shape == (1, 64, 64, 3) and np.isfinite(result.images).all()
+    assert 20 <= len(result.visual_token_ids[0]) <= 30 and result.visual_token_ids[0].max() < CODEBOOK[0]
+    understanding = LavitUnderstandingPipeline.from_pretrained(out)
+    understanding.set_progress_bar_config(disable=True)
+    assert len(understanding.caption(image, max_new_tokens=9)) == 1
