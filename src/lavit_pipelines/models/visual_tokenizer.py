@@ -141,6 +141,14 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
         """(B, 3, H, W) -> EVA patch features (B, num_patches, C), class token dropped."""
         return self.encoder(pixel_values)[:, 1:]
 
+    def merge_kept(
+        self, pixel_values: torch.Tensor, predictor: TokenPredictor, merger: TokenMerger, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> merged features of all kept patches (sum(keep), C), in patch order, and keep (B, N)."""
+        features = self.patch_features(pixel_values)
+        keep = sample_keep_mask(predictor(features), generator)
+        return merger(features, keep)[keep], keep
+
     def quantize(self, features: torch.Tensor) -> torch.Tensor:
         """Merged features (n, C) -> nearest codebook indices (n,) after the task layer and l2-norm."""
         return self.codebook(F.normalize(self.quantizer_proj(features), dim=-1))
@@ -148,18 +156,14 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
     @apply_forward_hook
     def tokenize(self, pixel_values: torch.Tensor, generator=None) -> list[torch.Tensor]:
         """(B, 3, H, W) -> per-image LongTensor of codebook indices in 0..codebook_size-1 (kept-patch order)."""
-        features = self.patch_features(pixel_values)
-        keep = sample_keep_mask(self.token_predictor(features), generator)
-        merged = self.token_merger(features, keep)
-        return split_per_image(self.quantize(merged[keep]), keep)
+        merged, keep = self.merge_kept(pixel_values, self.token_predictor, self.token_merger, generator)
+        return split_per_image(self.quantize(merged), keep)
 
     @apply_forward_hook
     def encode_features(self, pixel_values: torch.Tensor, generator=None) -> list[torch.Tensor]:
         """(B, 3, H, W) -> per-image LLM-space features (n_i, llm_hidden_size) of the kept patches."""
-        features = self.patch_features(pixel_values)
-        keep = sample_keep_mask(self.understanding_predictor(features), generator)
-        merged = self.understanding_merger(features, keep)
-        return split_per_image(self.llm_projection(merged[keep]), keep)
+        merged, keep = self.merge_kept(pixel_values, self.understanding_predictor, self.understanding_merger, generator)
+        return split_per_image(self.llm_projection(merged), keep)
 
     def forward(self, pixel_values: torch.Tensor, generator=None) -> list[torch.Tensor]:
         """Same as `tokenize`."""
