@@ -6,6 +6,7 @@ converted checkpoint. The tokenizer is a small LLaMA-style byte-fallback BPE tra
 corpus; the language model's vocabulary is that text vocabulary + `[IMG]`, `[/IMG]` and the codebook.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -187,16 +188,25 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
     return components
 
 
+def _code_fingerprint() -> str:
+    """Short hash of the code that defines the saved tiny model, so a changed model never loads a stale cache."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([Path(__file__), *package.glob("models/*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, variant: str = "highres") -> Path:
     """Folder of the saved tiny pipeline (built and saved on first use), for `LavitText2ImagePipeline.from_pretrained`.
 
-    Default: `~/.cache/lavit_pipelines/tiny-<version>-<variant>`. The folder is written under a temporary
-    name and renamed into place, so concurrent callers never see a partial folder.
+    Default: `~/.cache/lavit_pipelines/tiny-<version>-<code hash>-<variant>`. The folder is written under a
+    temporary name and renamed into place, so concurrent callers never see a partial folder.
     """
     from .pipelines.text2image import LavitText2ImagePipeline
 
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "lavit_pipelines"
-    target = root / f"tiny-{__version__}-{variant}"
+    target = root / f"tiny-{__version__}-{_code_fingerprint()}-{variant}"
     if (target / "model_index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
