@@ -6,7 +6,7 @@
     python benchmarks/gpu_full_size.py --tiny          # the same logic with tiny dims on CPU (a smoke test)
 
 Components: LLaMA-2-7B dims with LaVIT's 48386-entry vocabulary, the high-res pixel decoder (width 1408, 12 blocks,
-256 queries) and the SDXL UNet / VAE configs from ../shared/research/release-configs/.
+256 queries) and the SDXL UNet / VAE configs from benchmarks/release-configs/ (the release's own configs).
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-RELEASE_CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "research" / "release-configs"
+RELEASE_CONFIGS = Path(__file__).resolve().parent / "release-configs"
 # DESIGN.md §6 floors (one H100) and the targets of issue 5.
 FLOORS = {"ms/token": 4.0, "ms/UNet step": 14.0, "s/image": 1.2, "peak GB": 20.0}
 TARGETS = {"ms/token": 5.0, "ms/UNet step": None, "s/image": 2.0, "peak GB": 22.0}

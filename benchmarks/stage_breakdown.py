@@ -3,7 +3,7 @@ with peak traced Python-side memory (tracemalloc) and peak RSS.
 
     python benchmarks/stage_breakdown.py [--pipeline PATH] [--steps 4] [--tokens 64]
 
-Without `--pipeline`, the tiny fixture checkpoint (../shared/fixtures/lavit-tiny-original) is converted into a
+Without `--pipeline`, the tiny fixture checkpoint (tests/fixtures/lavit-tiny-original) is converted into a
 temporary folder first.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from lavit_pipelines import LavitText2ImagePipeline
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lavit-tiny-original" / "original_checkpoint"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lavit-tiny-original" / "original_checkpoint"
 
 
 class StageTimer:
