@@ -80,6 +80,8 @@ def _library(library_name: str):
 
 def _declared_classes(annotation) -> tuple[type, ...]:
     """The classes a component's `__init__` annotation allows (an Enum of scheduler names means any scheduler)."""
+    if annotation is inspect.Parameter.empty:
+        return ()
     classes = tuple(c for c in (typing.get_args(annotation) or (annotation,)) if inspect.isclass(c))
     return tuple(SchedulerMixin if issubclass(c, enum.Enum) else c for c in classes)
 

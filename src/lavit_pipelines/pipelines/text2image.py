@@ -245,6 +245,17 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             raise ValueError(NO_VISUAL_TOKENIZER)
         return images
 
+    def check_reconstruct_inputs(self, images: list, num_inference_steps, guidance_scale, eta) -> None:
+        """What `reconstruct` checks before the visual tokenizer runs (the rest is checked by `__call__`)."""
+        if not images:
+            raise ValueError("`image` must hold at least one image.")
+        check_image_items(images)
+        if self.visual_tokenizer is None:
+            raise ValueError(NO_VISUAL_TOKENIZER)
+        check_positive_int("num_inference_steps", num_inference_steps)
+        check_float("guidance_scale", guidance_scale)
+        check_float("eta", eta)
+
     # ------------------------------------------------------------------ language-model stage
 
     def encode_prompt(self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None) -> list[torch.Tensor]:
@@ -519,7 +530,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     def reconstruct(self, image, num_inference_steps: int = 50, guidance_scale: float = 5.0, generator=None, **kwargs):
         """Image -> stage-1 visual tokens -> image (LaVIT's reconstruction: 50 steps, guidance 5.0).
         Further keyword arguments go to `__call__`."""
-        codes = self._tokenize_images(list(image) if isinstance(image, (list, tuple, torch.Tensor)) else [image], generator)
+        images = list(image) if isinstance(image, (list, tuple, torch.Tensor)) else [image]
+        self.check_reconstruct_inputs(images, num_inference_steps, guidance_scale, kwargs.get("eta", 0.0))
+        codes = self._tokenize_images(images, generator)
         return self(
             visual_token_ids=codes, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             generator=generator, **kwargs,
