@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline, conversion
 from lavit_pipelines.cli import main
-from lavit_pipelines.pipelines.validation import FLOAT_ARGUMENTS, check_float
 from lavit_pipelines.tiny import tiny_pipeline_path
 
 
@@ -209,32 +208,44 @@ def rewrite_safetensors(path: Path, change) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("pipeline_cls", PIPELINES)
-@pytest.mark.parametrize(
-    "component, edit, words",
-    [
-        ("language_model", lambda f: edit_json(f / "config.json", num_hidden_layers=3), "lack 9 tensors"),
-        ("language_model", lambda f: edit_json(f / "config.json", num_hidden_layers=1), "hold unexpected 9 tensors"),
-        ("language_model", lambda f: drop_layer_tensors(f / "model.safetensors", "model.norm"), "lack 1 tensors"),
-        ("language_model", lambda f: edit_json(f / "config.json", intermediate_size=48), "of shape"),
-        ("visual_tokenizer", lambda f: edit_json(f / "config.json", encoder_layers=3), "lack"),
-        ("visual_tokenizer", lambda f: edit_json(f / "config.json", encoder_layers=1), "hold unexpected"),
-        (
-            "visual_tokenizer",
-            lambda f: rewrite_safetensors(f / "diffusion_pytorch_model.safetensors", lambda s: {**s, "extra.weight": torch.ones(2)}),
-            "hold unexpected 1 tensors (extra.weight)",
-        ),
-        ("language_model", lambda f: truncate(f / "model.safetensors"), "not a readable safetensors file"),
-        ("visual_tokenizer", lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "has no safetensors weights"),
-        ("language_model", lambda f: rewrite(f / "config.json", b"{"), "could not build LavitForCausalLM"),
-    ],
-)
-def test_component_weights_must_fit_their_config(converted_dir, tmp_path, pipeline_cls, component, edit, words):
-    folder = linked_copy(converted_dir, tmp_path / "model")
-    edit(folder / component)
+LM_DAMAGE = [
+    (lambda f: edit_json(f / "config.json", num_hidden_layers=3), "lack 9 tensors"),
+    (lambda f: edit_json(f / "config.json", num_hidden_layers=1), "hold unexpected 9 tensors"),
+    (lambda f: drop_layer_tensors(f / "model.safetensors", "model.norm"), "lack 1 tensors (model.norm.weight)"),
+    (lambda f: edit_json(f / "config.json", intermediate_size=48), "of shape"),
+    (lambda f: truncate(f / "model.safetensors"), "not a readable safetensors file"),
+    (lambda f: rewrite(f / "config.json", b"{"), "could not build LavitForCausalLM"),
+]
+VISUAL_TOKENIZER_DAMAGE = [
+    (lambda f: edit_json(f / "config.json", encoder_layers=3), "lack 13 tensors"),
+    (lambda f: edit_json(f / "config.json", encoder_layers=1), "hold unexpected 13 tensors"),
+    (
+        lambda f: rewrite_safetensors(f / "diffusion_pytorch_model.safetensors", lambda s: {**s, "extra.weight": torch.ones(2)}),
+        "hold unexpected 1 tensors (extra.weight)",
+    ),
+    (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "has no safetensors weights"),
+]
+
+
+def assert_refused(pipeline_cls, folder: Path, component: str, words: str) -> None:
     with pytest.raises((ValueError, FileNotFoundError)) as raised:
         pipeline_cls.from_pretrained(folder)
     assert f"`{component}`" in str(raised.value) and words in str(raised.value)
+
+
+@pytest.mark.parametrize("pipeline_cls", PIPELINES)
+@pytest.mark.parametrize("edit, words", LM_DAMAGE)
+def test_language_model_weights_must_fit_its_config(converted_dir, tmp_path, pipeline_cls, edit, words):
+    folder = linked_copy(converted_dir, tmp_path / "model")
+    edit(folder / "language_model")
+    assert_refused(pipeline_cls, folder, "language_model", words)
+
+
+@pytest.mark.parametrize("edit, words", VISUAL_TOKENIZER_DAMAGE)
+def test_visual_tokenizer_weights_must_fit_its_config(converted_dir, tmp_path, edit, words):
+    folder = linked_copy(converted_dir, tmp_path / "model")
+    edit(folder / "visual_tokenizer")
+    assert_refused(LavitUnderstandingPipeline, folder, "visual_tokenizer", words)
 
 
 @pytest.mark.parametrize("component", ["pixel_decoder", "unet", "vae"])
@@ -254,14 +265,27 @@ def truncate(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ float arguments
 
 
-@pytest.mark.parametrize("name", sorted(FLOAT_ARGUMENTS))
+FLOAT_NAMES = ["eta", "guidance_scale", "length_penalty", "llm_guidance_scale", "repetition_penalty", "temperature", "top_p"]
+
+
+def test_float_names_are_the_checked_ones():
+    from lavit_pipelines.pipelines.validation import FLOAT_ARGUMENTS
+
+    assert sorted(FLOAT_ARGUMENTS) == FLOAT_NAMES
+
+
+@pytest.mark.parametrize("name", FLOAT_NAMES)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "1.0", True, None])
 def test_every_float_argument_must_be_finite(name, value):
+    from lavit_pipelines.pipelines.validation import check_float
+
     with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
         check_float(name, value)
 
 
 def test_numpy_floats_are_accepted():
+    from lavit_pipelines.pipelines.validation import check_float
+
     check_float("guidance_scale", np.float32(7.5))
     check_float("top_p", np.float64(1.0))
 
@@ -418,7 +442,7 @@ def unavailable_cuda() -> str:
         (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale", "nan"], "--llm-guidance-scale must be"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale", "-inf"], "--llm-guidance-scale must be"),
+        (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale=-inf"], "--llm-guidance-scale must be"),
         (["generate", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/out", "--guidance-scale", "nan"], "--guidance-scale"),
         (["generate", "a duck", "--output", "{tmp}/folder.png"], "is a folder"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--num-images", "2"], "x-1.png' is a folder"),
@@ -523,7 +547,7 @@ def test_language_model_tensor_of_the_wrong_shape_is_refused(release, tmp_path):
 @pytest.mark.parametrize(
     "component, damage, words",
     [
-        ("pixel_decoder", lambda f: edit_json(f / "config.json", num_layers=2), "`pixel_decoder` does not match"),
+        ("pixel_decoder", lambda f: edit_json(f / "config.json", num_layers=3), "`pixel_decoder` does not match"),
         ("unet", lambda f: edit_json(f / "config.json", cross_attention_dim=40), "`unet`"),
         ("language_model", lambda f: rewrite_safetensors(f / "model.safetensors", lambda s: {**s, "model.norm.weight": s["model.norm.weight"] * math.nan}), "NaN"),
         ("scheduler", lambda f: rewrite(f / "scheduler_config.json", b"["), "scheduler_config.json"),
@@ -582,7 +606,7 @@ def test_staging_of_a_killed_conversion_is_cleaned_by_the_next(release, tmp_path
     process = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(release), str(parent / "a")], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "staging"
     staged = [p.name for p in parent.iterdir()]
-    assert len(staged) == 1 and staged[0].startswith(".a.building-")
+    assert len(staged) == 1 and staged[0].startswith(".a.")
     process.send_signal(sig)
     process.wait(timeout=60)
     conversion.convert(str(release), str(parent / "b"))

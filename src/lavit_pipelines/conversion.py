@@ -393,18 +393,24 @@ def check_paths(src: Path, dst: Path) -> None:
         raise ValueError(f"`dump_path` {dst} is the current directory or one of its parents; choose a new folder.")
 
 
-def claim_output(dst: Path, overwrite: bool) -> tuple[int, int] | None:
-    """The (device, inode) of the existing output that `overwrite` allows to replace; None when there is nothing
-    to replace (no output, or an empty folder). FileExistsError when there is something and no `overwrite`."""
+def claim_output(dst: Path, overwrite: bool) -> tuple[int, int, int] | None:
+    """The identity (device, inode, modification time) of the existing output that `overwrite` allows to replace;
+    None when there is nothing to replace (no output, or an empty folder). FileExistsError when there is something
+    and no `overwrite`."""
     if not dst.exists() and not dst.is_symlink() or dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
         return None
     if not overwrite:
         raise FileExistsError(f"`dump_path` {dst} exists and is not empty; pass --overwrite to replace it.")
-    status = dst.lstat()
-    return status.st_dev, status.st_ino
+    return _identity(dst)
 
 
-def publish(staging: Path, dst: Path, claimed: tuple[int, int] | None) -> None:
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells a file or folder apart from one put in its place later (an inode number alone may be reused)."""
+    status = path.lstat()
+    return status.st_dev, status.st_ino, status.st_mtime_ns
+
+
+def publish(staging: Path, dst: Path, claimed: tuple[int, int, int] | None) -> None:
     """Rename the finished `staging` folder to `dst`. Without a claim the rename only succeeds where `dst` is absent
     or an empty folder; with one, `dst` is first moved aside, and put back unless it is the claimed output.
     FileExistsError when something else took the place meanwhile: it is left as it is."""
@@ -417,8 +423,7 @@ def publish(staging: Path, dst: Path, claimed: tuple[int, int] | None) -> None:
             backup.rmdir()
             backup = None
         else:
-            status = (backup / dst.name).lstat()
-            if (status.st_dev, status.st_ino) != claimed:
+            if _identity(backup / dst.name) != claimed:
                 os.rename(backup / dst.name, dst)
                 backup.rmdir()
                 raise FileExistsError(f"`dump_path` {dst} was replaced during the conversion; it was left as it is.")
