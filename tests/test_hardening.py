@@ -376,13 +376,20 @@ def test_a_generation_without_visual_tokens_names_the_prompt(t2i):
         handle.remove()
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
-def test_narrow_integer_token_ids_decode_like_long(t2i, dtype):
+def test_narrow_integer_token_ids_decode_like_long(t2i):
     ids = torch.tensor([3, 250, 7, 100])
     common = dict(num_inference_steps=1, output_type="np", height=64, width=64)
     expected = t2i(visual_token_ids=[ids], generator=torch.Generator().manual_seed(0), **common).images
-    narrow = t2i(visual_token_ids=[ids.to(dtype)], generator=torch.Generator().manual_seed(0), **common).images
-    np.testing.assert_array_equal(narrow, expected)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        narrow = t2i(visual_token_ids=[ids.to(dtype)], generator=torch.Generator().manual_seed(0), **common).images
+        np.testing.assert_array_equal(narrow, expected, err_msg=str(dtype))
+
+
+def test_non_finite_latents_are_refused(guarded_t2i):
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="`latents` must hold finite values"):
+        guarded_t2i(visual_token_ids=[torch.arange(9)], latents=latents, height=64, width=64)
 
 
 def test_bool_token_ids_and_wrapped_values_are_refused(guarded_t2i):
@@ -439,6 +446,7 @@ def unavailable_cuda() -> str:
         (["generate", "a duck", "--output", "{tmp}/x.png", "--device", "CUDA_NOW"], "is available on this machine"),
         (["caption", "{photo}", "--device", "CUDA_NOW"], "is available on this machine"),
         (["reconstruct", "{photo}", "--output", "{tmp}/x.png", "--device", "cuda:-1"], "--device must be a torch device"),
+        (["caption", "{photo}", "--seed", str(2**64)], "--seed must be an integer"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale", "nan"], "--llm-guidance-scale must be"),

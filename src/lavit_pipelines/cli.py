@@ -162,6 +162,14 @@ def image_size(args) -> tuple[int | None, int | None]:
     return args.height, args.width
 
 
+def check_common(args) -> None:
+    """The options every model command shares: --device, and --seed within what `torch.Generator` takes."""
+    check_device(getattr(args, "device", None))
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {seed}")
+
+
 def check_floats(args, names: tuple[str, ...]) -> None:
     """The pipelines' own float checks (finite, in range), reported with the option's name."""
     from .pipelines.validation import check_float
@@ -343,7 +351,7 @@ COMMANDS = {
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_device(getattr(args, "device", None))
+        check_common(args)
         if args.command == "generate":
             check_generate(args)
         COMMANDS[args.command](args)

@@ -218,6 +218,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must be a tensor of shape {shape} for this batch and size, got {got}.")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("`latents` must hold finite values, found NaN or infinity.")
         generators = generator if isinstance(generator, list) else [generator]
         if not all(g is None or isinstance(g, torch.Generator) for g in generators):
             raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
