@@ -608,17 +608,22 @@ conversion.convert(sys.argv[1], sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_staging_of_a_killed_conversion_is_cleaned_by_the_next(release, tmp_path, sig):
+def test_staging_of_killed_conversions_is_cleaned_by_the_next(release, tmp_path):
     parent = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(release), str(parent / "a")], stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "staging"
-    staged = [p.name for p in parent.iterdir()]
-    assert len(staged) == 1 and staged[0].startswith(".a.")
-    process.send_signal(sig)
-    process.wait(timeout=60)
-    conversion.convert(str(release), str(parent / "b"))
-    assert sorted(p.name for p in parent.iterdir()) == ["b"]
+    processes = {
+        name: subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(release), str(parent / name)], stdout=subprocess.PIPE, text=True)
+        for name in ("killed", "terminated")
+    }
+    for process in processes.values():
+        assert process.stdout.readline().strip() == "staging"
+    staged = sorted(p.name for p in parent.iterdir())
+    assert len(staged) == 2 and staged[0].startswith(".killed.") and staged[1].startswith(".terminated.")
+    processes["killed"].send_signal(signal.SIGKILL)
+    processes["terminated"].send_signal(signal.SIGTERM)
+    for process in processes.values():
+        process.wait(timeout=60)
+    conversion.convert(str(release), str(parent / "next"))
+    assert sorted(p.name for p in parent.iterdir()) == ["next"]
 
 
 # ------------------------------------------------------------------------------------------------ tiny-model cache
