@@ -121,6 +121,7 @@ PIPELINES = [LavitText2ImagePipeline, LavitUnderstandingPipeline]
         ("language_model", ["payload", "LavitForCausalLM"], "payload/__init__.py"),
         ("not_a_component", ["payload", "Anything"], "payload.py"),  # an entry the pipeline does not even use
         ("tokenizer", ["payload.sub", "X"], "payload/sub.py"),
+        ("visual_tokenizer", ["payload", "LavitVisualTokenizer"], "payload.py"),  # not loaded by text-to-image
     ],
 )
 def test_model_index_never_imports_a_payload(converted_dir, tmp_path, pipeline_cls, component, entry, payload):

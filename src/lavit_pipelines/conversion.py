@@ -25,7 +25,7 @@ from transformers import GenerationConfig, LlamaConfig, PreTrainedModel
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
-from .pipelines.base import _meta_model, _weight_files, read_model_index, resolve_component_class
+from .pipelines.base import meta_model, read_model_index, resolve_component_class, weight_files
 from .pipelines.text2image import LavitText2ImagePipeline
 from .staging import REPLACED, clean_stale_staging, staging_folder
 from .tokenization import load_lavit_tokenizer
@@ -451,7 +451,7 @@ def validate_output(out: Path) -> None:
             components[name] = None
         elif issubclass(cls, (ModelMixin, PreTrainedModel)):
             check_tensors_finite(name, out / name)
-            components[name] = _meta_model(name, out / name, cls)
+            components[name] = meta_model(name, out / name, cls)
         else:
             components[name] = cls.from_pretrained(out / name)
     LavitText2ImagePipeline(**components)
@@ -460,7 +460,7 @@ def validate_output(out: Path) -> None:
 def check_tensors_finite(name: str, folder: Path) -> None:
     """ValueError naming the component and tensor when a stored floating-point tensor holds NaN or infinity; reads
     one tensor at a time."""
-    for path in _weight_files(name, folder, None):
+    for path in weight_files(name, folder):
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 tensor = f.get_tensor(key)

@@ -114,19 +114,27 @@ def resolve_component_class(name: str, entry, index_path: Path, declared) -> typ
     return cls
 
 
-def _weight_files(name: str, folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files a model component loads from (the shards of an index, or the single file)."""
-    infix = f".{variant}" if variant else ""
-    for index in sorted(folder.glob(f"*.safetensors.index{infix}.json")) + sorted(folder.glob(f"*{infix}.safetensors.index.json")):
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
-        return [folder / shard for shard in shards]
-    files = [f for f in sorted(folder.glob(f"*{infix}.safetensors")) if f.name.count(".") == 1 + bool(variant)]
-    if not files:
-        raise FileNotFoundError(f"The component `{name}` has no safetensors weights in {folder}.")
-    return files
+def _is_variant(path: Path, variant: str | None) -> bool:
+    """Whether a weight file or index name carries exactly `variant` (`model.fp16.safetensors`,
+    `model.safetensors.index.fp16.json`), or no variant when `variant` is None."""
+    infixes = [part for part in path.name.split(".")[1:-1] if part not in ("safetensors", "index")]
+    return infixes == ([variant] if variant else [])
+
+
+def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files a model component loads from: the shards its index lists, or its single file (of
+    `variant` when there are such files). FileNotFoundError naming the component when there are none."""
+    for candidate in dict.fromkeys([variant, None]):
+        for index in sorted(i for i in folder.glob("*.safetensors.index*.json") if _is_variant(i, candidate)):
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
+            return [folder / shard for shard in shards]
+        files = [f for f in sorted(folder.glob("*.safetensors")) if _is_variant(f, candidate)]
+        if files:
+            return files
+    raise FileNotFoundError(f"The component `{name}` has no safetensors weights in {folder}.")
 
 
 def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
@@ -143,7 +151,7 @@ def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
     return shapes
 
 
-def _meta_model(name: str, folder: Path, model_cls):
+def meta_model(name: str, folder: Path, model_cls):
     """The model its config describes, on the meta device (no memory, no weights read)."""
     try:
         with init_empty_weights():
@@ -164,10 +172,10 @@ def check_component_weights(name: str, folder: Path, model_cls, variant: str | N
     meta device and only the safetensors headers are read."""
     if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
-    model = _meta_model(name, folder, model_cls)
+    model = meta_model(name, folder, model_cls)
     state = model.state_dict(keep_vars=True)
     expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
-    stored = _stored_shapes(name, _weight_files(name, folder, variant))
+    stored = _stored_shapes(name, weight_files(name, folder, variant))
     for key in sorted(stored.keys() & expected.keys()):
         if stored[key] != expected[key]:
             raise ValueError(
@@ -231,12 +239,11 @@ class LavitPipelineMixin:
         index = read_model_index(folder)
         index_path = folder / "model_index.json"
         declared = inspect.signature(cls.__init__).parameters
-        for name, entry in index.items():  # entries of other pipelines too: diffusers may resolve them
-            if not name.startswith("_") and name not in declared and isinstance(entry, list):
+        loaded = [name for name in cls.component_names() if name not in passed]
+        for name, entry in index.items():  # passed-in components and other pipelines' too: diffusers looks them up
+            if not name.startswith("_") and name not in loaded:
                 resolve_component_class(name, entry, index_path, None)
-        for name in cls.component_names():
-            if name in passed:
-                continue
+        for name in loaded:
             model_cls = resolve_component_class(name, index.get(name), index_path, declared[name].annotation)
             if model_cls is None:
                 if name not in cls._optional_components:
