@@ -7,6 +7,7 @@ draws noise and is there to try the machinery. Real images need the converted re
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 TINY_NOTICE = (
@@ -77,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ argument checks (before loading anything)
 
 
-def check_output(path: str | None, name: str = "--output") -> Path:
+def check_writable_folder(folder: Path, name: str) -> None:
+    """UsageError unless a file can be created in `folder` (tried, then removed: permissions alone do not tell)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lavit-write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{name}: cannot write in folder {str(folder)!r} ({error.strerror or error})") from error
+
+
+def check_output(path: str | None, name: str = "--output", count: int = 1) -> Path:
+    """The output image path (and its `count` numbered siblings): a known image suffix, in an existing writable
+    folder, not an existing folder itself."""
     if not path:
         raise UsageError(f"{name} is required")
     out = Path(path)
@@ -85,13 +97,53 @@ def check_output(path: str | None, name: str = "--output") -> Path:
         raise UsageError(f"{name} must end in one of {sorted(IMAGE_SUFFIXES)}, got {path!r}")
     if not out.parent.is_dir():
         raise UsageError(f"{name}: folder {str(out.parent)!r} does not exist")
+    for target in {numbered(out, i, count) for i in range(count)}:
+        if target.is_dir():
+            raise UsageError(f"{name}: {str(target)!r} is a folder, expected an image file path")
+    check_writable_folder(out.parent, name)
     return out
 
 
+def check_output_dir(path: str, name: str = "--output-dir") -> None:
+    """An existing writable folder, or a path whose nearest existing parent is a writable folder."""
+    folder = Path(path).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{name}: {str(existing)!r} exists and is not a folder")
+    check_writable_folder(existing, name)
+
+
 def check_image_file(path: str, name: str) -> str:
+    """An image file PIL can decode (not truncated, within its decompression-bomb limit, not empty)."""
+    from .image_processor import open_image_file
+
     if not os.path.isfile(path):
         raise UsageError(f"{name}: no such file {path!r}")
+    try:
+        open_image_file(path, name).close()
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     return path
+
+
+def check_device(device: str | None) -> None:
+    """UsageError unless `device` names a torch device that this machine has (cuda:N within the GPU count)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from error
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {device}: no {parsed.type} device is available on this machine")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise UsageError(f"--device {device}: this machine has {count} {parsed.type} device(s)")
 
 
 def image_size(args) -> tuple[int | None, int | None]:
@@ -110,12 +162,30 @@ def image_size(args) -> tuple[int | None, int | None]:
     return args.height, args.width
 
 
+def check_common(args) -> None:
+    """The options every model command shares: --device, and --seed within what `torch.Generator` takes."""
+    check_device(getattr(args, "device", None))
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {seed}")
+
+
+def check_floats(args, names: tuple[str, ...]) -> None:
+    """The pipelines' own float checks (finite, in range), reported with the option's name."""
+    from .pipelines.validation import check_float
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                check_float(name, value, label="--" + name.replace("_", "-"))
+            except ValueError as error:
+                raise UsageError(str(error).rstrip(".")) from error
+
+
 def check_generate(args) -> None:
     image_size(args)
-    if args.guidance_scale < 0:
-        raise UsageError(f"--guidance-scale must be non-negative, got {args.guidance_scale}")
-    if args.llm_guidance_scale is not None and args.llm_guidance_scale <= 0:
-        raise UsageError(f"--llm-guidance-scale must be positive, got {args.llm_guidance_scale}")
+    check_floats(args, ("guidance_scale", "llm_guidance_scale"))
     if args.prompts:
         if args.prompt or args.output or args.image:
             raise UsageError("--prompts takes no PROMPT, --output or --image; use --output-dir")
@@ -125,10 +195,11 @@ def check_generate(args) -> None:
             raise UsageError(f"--prompts: no such file {args.prompts!r}")
         if not read_prompts(args.prompts):
             raise UsageError(f"--prompts: {args.prompts!r} holds no prompt")
+        check_output_dir(args.output_dir)
         return
     if not args.prompt:
         raise UsageError("a PROMPT (or --prompts FILE --output-dir DIR) is required")
-    check_output(args.output)
+    check_output(args.output, count=args.num_images)
     for path in args.image:
         check_image_file(path, "--image")
     if args.prompt.count("<image>") != len(args.image):
@@ -136,7 +207,11 @@ def check_generate(args) -> None:
 
 
 def read_prompts(path: str) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--prompts: {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------ running
@@ -276,6 +351,7 @@ COMMANDS = {
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_common(args)
         if args.command == "generate":
             check_generate(args)
         COMMANDS[args.command](args)

@@ -10,22 +10,24 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
 from diffusers import __version__ as diffusers_version
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig
+from transformers import GenerationConfig, LlamaConfig, PreTrainedModel
 
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
+from .pipelines.base import meta_model, read_model_index, resolve_component_class, weight_files
+from .pipelines.text2image import LavitText2ImagePipeline
+from .staging import REPLACED, clean_stale_staging, staging_folder
 from .tokenization import load_lavit_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -220,7 +222,7 @@ def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) ->
     )
     config = LavitConfig.from_dict({**llama, **ids})
     with init_empty_weights():
-        expected = set(LavitForCausalLM(config).state_dict())
+        expected = {key: tuple(tensor.shape) for key, tensor in LavitForCausalLM(config).state_dict().items()}
     shards = _llm_shards(lm_dir)
     dst.mkdir(parents=True)
     weight_map, total_size = {}, 0
@@ -232,12 +234,17 @@ def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) ->
                 continue  # a buffer that older transformers saved; recomputed from the config
             if key not in expected:
                 raise KeyError(f"{shard}: unexpected tensor {key!r} for a LLaMA language model.")
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(
+                    f"{shard}: the language model's {key} has shape {tuple(tensor.shape)}, its config "
+                    f"{lm_dir / 'config.json'} implies {expected[key]}."
+                )
             state[key] = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
             weight_map[key] = name
             total_size += state[key].numel() * state[key].element_size()
         save_file(state, dst / name, metadata={"format": "pt"})
         del state
-    missing = expected - set(weight_map)
+    missing = expected.keys() - weight_map.keys()
     if missing:
         raise KeyError(f"{lm_dir}: the language model lacks tensors {sorted(missing)[:5]}...")
     if len(shards) > 1:
@@ -376,15 +383,89 @@ def write_components(src: Path, out: Path, variant: str, dtype, safety_checker: 
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _move_into_place(staging: Path, dst: Path) -> None:
-    """Swap the finished `staging` folder in for `dst`; the old `dst` is removed only once replaced."""
-    if not dst.exists():
-        staging.rename(dst)
-        return
-    backup = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
-    dst.rename(backup)
-    staging.rename(dst)
-    shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+def check_paths(src: Path, dst: Path) -> None:
+    """ValueError unless the output lies apart from the source and the current directory: it may not be the
+    source, inside it, or above it, nor the current directory or above it (whatever `overwrite` says)."""
+    source, output, cwd = src.resolve(), dst.resolve(), Path.cwd().resolve()
+    if output == source or output in source.parents or source in output.parents:
+        raise ValueError(f"`dump_path` {dst} overlaps the source checkpoint {src}; choose an output folder outside it.")
+    if output == cwd or output in cwd.parents:
+        raise ValueError(f"`dump_path` {dst} is the current directory or one of its parents; choose a new folder.")
+
+
+def claim_output(dst: Path, overwrite: bool) -> tuple[int, int, int] | None:
+    """The identity (device, inode, modification time) of the existing output that `overwrite` allows to replace;
+    None when there is nothing to replace (no output, or an empty folder). FileExistsError when there is something
+    and no `overwrite`."""
+    if not dst.exists() and not dst.is_symlink() or dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+        return None
+    if not overwrite:
+        raise FileExistsError(f"`dump_path` {dst} exists and is not empty; pass --overwrite to replace it.")
+    return _identity(dst)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells a file or folder apart from one put in its place later (an inode number alone may be reused)."""
+    status = path.lstat()
+    return status.st_dev, status.st_ino, status.st_mtime_ns
+
+
+def publish(staging: Path, dst: Path, claimed: tuple[int, int, int] | None) -> None:
+    """Rename the finished `staging` folder to `dst`. Without a claim the rename only succeeds where `dst` is absent
+    or an empty folder; with one, `dst` is first moved aside, and put back unless it is the claimed output.
+    FileExistsError when something else took the place meanwhile: it is left as it is."""
+    backup = None
+    if claimed is not None:
+        backup = staging_folder(dst, REPLACED)
+        try:
+            os.rename(dst, backup / dst.name)
+        except FileNotFoundError:  # the claimed output is gone already: nothing to replace
+            backup.rmdir()
+            backup = None
+        else:
+            if _identity(backup / dst.name) != claimed:
+                os.rename(backup / dst.name, dst)
+                backup.rmdir()
+                raise FileExistsError(f"`dump_path` {dst} was replaced during the conversion; it was left as it is.")
+    try:
+        os.rename(staging, dst)
+    except OSError as error:
+        if backup is not None:
+            os.rename(backup / dst.name, dst)
+            backup.rmdir()
+        raise FileExistsError(f"`dump_path` {dst} appeared during the conversion; it was left as it is.") from error
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def validate_output(out: Path) -> None:
+    """Every staged component read back before publishing: the loader's own checks (allowed classes, configs,
+    every tensor present with the shape its config implies), each tensor read back and finite, the tokenizer and
+    scheduler reloaded, and the pipeline assembled from the reloaded configs (components that fit together)."""
+    LavitText2ImagePipeline.check_folder(out, passed={})
+    index = read_model_index(out)
+    components = {}
+    for name in LavitText2ImagePipeline.component_names():
+        cls = resolve_component_class(name, index.get(name), out / "model_index.json", None)
+        if cls is None:
+            components[name] = None
+        elif issubclass(cls, (ModelMixin, PreTrainedModel)):
+            check_tensors_finite(name, out / name)
+            components[name] = meta_model(name, out / name, cls)
+        else:
+            components[name] = cls.from_pretrained(out / name)
+    LavitText2ImagePipeline(**components)
+
+
+def check_tensors_finite(name: str, folder: Path) -> None:
+    """ValueError naming the component and tensor when a stored floating-point tensor holds NaN or infinity; reads
+    one tensor at a time."""
+    for path in weight_files(name, folder):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"The converted component `{name}` holds NaN or infinite values in {key} ({path}).")
 
 
 def convert(
@@ -392,22 +473,27 @@ def convert(
     safety_checker: bool = False,
 ) -> Path:
     """Convert `checkpoint` (folder or Hub id) into `dump_path`, with the release's safety checker if asked.
-    Refuses a non-empty `dump_path` unless `overwrite`; writes into a temporary sibling folder and moves it
-    into place only when complete."""
+
+    Refuses an output that overlaps the source or the current directory, and a non-empty `dump_path` unless
+    `overwrite`. Writes into a hidden sibling folder, validates every component there, and renames it into place
+    only then, replacing nothing but the output checked at the start. Staging folders of killed conversions are
+    removed first."""
     if variant not in PIXEL_DECODERS:
         raise ValueError(f"`pixel_decoder` must be one of {sorted(PIXEL_DECODERS)}, got {variant!r}.")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     dst = Path(dump_path).absolute()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise FileExistsError(f"`dump_path` {dst} exists and is not empty; pass --overwrite to replace it.")
     src = resolve_source(checkpoint, variant, safety_checker)
+    check_paths(src, dst)
+    claimed = claim_output(dst, overwrite)
     check_source(src, variant, safety_checker)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    clean_stale_staging(dst.parent)
+    staging = staging_folder(dst)
     try:
         write_components(src, staging, variant, DTYPES.get(dtype), safety_checker)
-        _move_into_place(staging, dst)
+        validate_output(staging)
+        publish(staging, dst, claimed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dst

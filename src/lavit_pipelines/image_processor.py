@@ -10,13 +10,25 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from .models.visual_tokenizer import CLIP_MEAN, CLIP_STD
 
 
+def open_image_file(path, name: str = "image") -> PIL.Image.Image:
+    """The decoded image at `path`; FileNotFoundError/ValueError naming the file when it is missing, not an image,
+    truncated, larger than PIL's decompression-bomb limit, or empty."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`{name}`: no image file at {os.fspath(path)!r}.")
+    try:
+        with PIL.Image.open(path) as opened:
+            image = opened.copy()  # decodes every pixel: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"`{name}`: cannot read the image {os.fspath(path)!r}: {error}") from error
+    if min(image.size) < 1:
+        raise ValueError(f"`{name}`: the image {os.fspath(path)!r} is empty ({image.size[0]}×{image.size[1]} pixels).")
+    return image
+
+
 def load_image(image, name: str = "image") -> PIL.Image.Image:
     """A path, PIL image or (H, W[, C]) uint8 array -> RGB PIL image (any mode, alpha dropped)."""
     if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"`{name}`: no image file at {os.fspath(image)!r}.")
-        with PIL.Image.open(image) as opened:
-            image = opened.copy()
+        image = open_image_file(image, name)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise TypeError(f"`{name}` arrays must be uint8 of shape (H, W) or (H, W, C), got {image.dtype} {image.shape}.")

@@ -7,9 +7,9 @@ corpus; the language model's vocabulary is that text vocabulary + `[IMG]`, `[/IM
 """
 
 import hashlib
+import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from . import __version__
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import VARIANTS, LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
+from .staging import clean_stale_staging, staging_folder
 
 CORPUS = (
     "a sculpture of a duck made of wool. a photo of a dog running in the snow. a red car parked on the street. "
@@ -197,26 +198,55 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+MANIFEST = "lavit_manifest.json"
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file in `folder` but the manifest."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST
+    }
+
+
+def _cache_is_intact(folder: Path) -> bool:
+    """Whether `folder` holds exactly the files its manifest lists, byte for byte."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")) == _file_digests(folder)
+    except (OSError, ValueError):
+        return False
+
+
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, variant: str = "highres") -> Path:
     """Folder of the saved tiny pipeline (built and saved on first use), for `LavitText2ImagePipeline.from_pretrained`.
 
     Default: `~/.cache/lavit_pipelines/tiny-<version>-<code hash>-<variant>`. The folder is written under a
-    temporary name and renamed into place, so concurrent callers never see a partial folder.
+    temporary name with a manifest of its files' hashes and renamed into place, so concurrent callers never see a
+    partial folder; a cache whose files no longer match the manifest is rebuilt, and staging folders of killed
+    processes are removed.
     """
     from .pipelines.text2image import LavitText2ImagePipeline
 
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "lavit_pipelines"
     target = root / f"tiny-{__version__}-{_code_fingerprint()}-{variant}"
-    if (target / "model_index.json").is_file():
+    if _cache_is_intact(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    clean_stale_staging(root)
+    staging = staging_folder(target)
     try:
+        if target.exists():  # corrupt: moved aside (atomically, so a concurrent caller never loads it) and removed
+            try:
+                os.rename(target, staging / "corrupt")
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(staging / "corrupt", ignore_errors=True)
         LavitText2ImagePipeline(**build_tiny_components(variant)).save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(_file_digests(staging)))
         try:
-            staging.rename(target)
+            os.rename(staging, target)
         except OSError:  # another process finished first
-            if not (target / "model_index.json").is_file():
+            if not _cache_is_intact(target):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

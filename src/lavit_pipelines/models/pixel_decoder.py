@@ -40,8 +40,9 @@ def check_visual_token_ids(visual_token_ids, codebook_size: int, max_length: int
         raise TypeError(f"`{name}` must be a non-empty list of 1-D LongTensors of codebook indices.")
     for i, ids in enumerate(visual_token_ids):
         ids = torch.as_tensor(ids)
-        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
+        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"`{name}[{i}]` must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}.")
+        ids = ids.long()  # comparisons in a narrow dtype (uint8 against the codebook size) would wrap
         if not 1 <= len(ids) <= max_length:
             raise ValueError(f"`{name}[{i}]` must hold 1 to {max_length} codes, got {len(ids)}.")
         if ids.min() < 0 or ids.max() >= codebook_size:

@@ -1,15 +1,19 @@
 """What both LaVIT pipelines share: Hub download of a converted folder and Hub upload with a model card."""
 
+import enum
 import importlib
 import inspect
 import json
 import os
+import re
+import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import diffusers.pipelines
 from accelerate import init_empty_weights
-from diffusers import ModelMixin
+from diffusers import ModelMixin, SchedulerMixin
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
 from transformers import PreTrainedModel
@@ -39,28 +43,155 @@ The weights keep the LLaMA 2 Community License of the original release.
 """
 
 
-def check_component_shapes(name: str, folder: Path, entry: list) -> None:
-    """ValueError naming the component when its weights do not fit the model its config describes.
-    Cheap: the model is built on the meta device and only the safetensors headers are read."""
-    library = getattr(diffusers.pipelines, entry[0], None) or importlib.import_module(entry[0])  # e.g. "stable_diffusion"
-    model_cls = getattr(library, entry[1], None)
-    if model_cls is None or not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
+# Libraries a `model_index.json` entry may name. Only diffusers and transformers are ever imported by name; this
+# package's modules are taken from `sys.modules` (imported by this package itself), never imported for an entry.
+IMPORTABLE_LIBRARIES = ("diffusers", "transformers")
+PACKAGE = __name__.split(".")[0]
+
+
+def read_model_index(folder: Path) -> dict:
+    """`folder/model_index.json` as a dict; FileNotFoundError/ValueError naming the file when absent or malformed."""
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a converted LaVIT folder: it has no model_index.json.")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object of components, got a {type(index).__name__}.")
+    if not isinstance(index.get("_class_name"), str):
+        raise ValueError(f"{path}: `_class_name` must be the name of a pipeline class, got {index.get('_class_name')!r}.")
+    return index
+
+
+def _library(library_name: str):
+    """The module an entry names, or None when it is outside this package, diffusers and transformers.
+    Nothing is imported but diffusers and transformers themselves."""
+    if library_name in IMPORTABLE_LIBRARIES:
+        return importlib.import_module(library_name)
+    if library_name == PACKAGE or library_name.startswith(PACKAGE + "."):
+        return sys.modules.get(library_name)
+    if library_name.isidentifier() and library_name in diffusers.pipelines._import_structure:
+        module = getattr(diffusers.pipelines, library_name, None)  # a diffusers pipeline module, e.g. "stable_diffusion"
+        return module if inspect.ismodule(module) and module.__name__.startswith("diffusers.") else None
+    return None
+
+
+def _declared_classes(annotation) -> tuple[type, ...]:
+    """The classes a component's `__init__` annotation allows (an Enum of scheduler names means any scheduler)."""
+    if annotation is inspect.Parameter.empty:
+        return ()
+    classes = tuple(c for c in (typing.get_args(annotation) or (annotation,)) if inspect.isclass(c))
+    return tuple(SchedulerMixin if issubclass(c, enum.Enum) else c for c in classes)
+
+
+def resolve_component_class(name: str, entry, index_path: Path, declared) -> type | None:
+    """The class that the `model_index.json` entry of component `name` names (None for `[null, null]`), checked
+    before anything is imported: ValueError naming the component unless it is a class of this package, diffusers
+    or transformers, and (when the pipeline annotates the component) a subclass of the declared class."""
+    if entry is None or entry == [None, None]:
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+        raise ValueError(f"{index_path}: the entry of `{name}` must be [library, class name], got {entry!r}.")
+    library_name, class_name = entry
+    if (index_path.parent / name / f"{library_name}.py").exists():
+        raise ValueError(f"{index_path}: the component `{name}` ships code ({library_name}.py); nothing is executed from a model folder.")
+    library = _library(library_name)
+    if library is None:
+        raise ValueError(
+            f"{index_path}: the component `{name}` names the module {library_name!r}; only classes of {PACKAGE}, "
+            f"diffusers and transformers are loaded, and nothing is imported from a model folder."
+        )
+    cls = getattr(library, class_name, None)
+    if not inspect.isclass(cls) or cls.__module__.split(".")[0] not in (PACKAGE, *IMPORTABLE_LIBRARIES):
+        raise ValueError(f"{index_path}: the component `{name}` names {library_name}.{class_name}, which is not a class it provides.")
+    classes = _declared_classes(declared)
+    if classes and not issubclass(cls, classes):
+        raise ValueError(
+            f"{index_path}: the component `{name}` must be a {' or '.join(c.__name__ for c in classes)}, got {class_name}."
+        )
+    return cls
+
+
+def _is_variant(path: Path, variant: str | None) -> bool:
+    """Whether a weight file or index name carries exactly `variant` (`model.fp16.safetensors`,
+    `model.safetensors.index.fp16.json`), or no variant when `variant` is None."""
+    infixes = [part for part in path.name.split(".")[1:-1] if part not in ("safetensors", "index")]
+    return infixes == ([variant] if variant else [])
+
+
+def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files a model component loads from: the shards its index lists, or its single file (of
+    `variant` when there are such files). FileNotFoundError naming the component when there are none."""
+    for candidate in dict.fromkeys([variant, None]):
+        for index in sorted(i for i in folder.glob("*.safetensors.index*.json") if _is_variant(i, candidate)):
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
+            return [folder / shard for shard in shards]
+        files = [f for f in sorted(folder.glob("*.safetensors")) if _is_variant(f, candidate)]
+        if files:
+            return files
+    raise FileNotFoundError(f"The component `{name}` has no safetensors weights in {folder}.")
+
+
+def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
+    """Tensor name -> shape, from the safetensors headers only."""
+    shapes = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"The component `{name}` lacks its weight file {path}.")
+        try:
+            with safe_open(path, "pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as error:  # noqa: BLE001 - SafetensorError and OS errors: a truncated or corrupt file
+            raise ValueError(f"The component `{name}`: {path} is not a readable safetensors file ({error}).") from error
+    return shapes
+
+
+def meta_model(name: str, folder: Path, model_cls):
+    """The model its config describes, on the meta device (no memory, no weights read)."""
+    try:
+        with init_empty_weights():
+            if issubclass(model_cls, ModelMixin):
+                return model_cls.from_config(model_cls.load_config(folder))
+            return model_cls._from_config(model_cls.config_class.from_pretrained(folder))
+    except Exception as error:  # noqa: BLE001 - a missing or malformed config: name the component
+        raise ValueError(f"The component `{name}`: could not build {model_cls.__name__} from the config in {folder}: {error}") from error
+
+
+def _ignored(key: str, patterns) -> bool:
+    return any(re.search(pattern, key) for pattern in patterns or ())
+
+
+def check_component_weights(name: str, folder: Path, model_cls, variant: str | None = None) -> None:
+    """ValueError/FileNotFoundError naming the component when its weights do not fit the model its config describes:
+    a tensor missing, unexpected or of another shape, or a weight file unreadable. Cheap: the model is built on the
+    meta device and only the safetensors headers are read."""
+    if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
-    with init_empty_weights():
-        if issubclass(model_cls, ModelMixin):
-            model = model_cls.from_config(model_cls.load_config(folder))
-        else:
-            model = model_cls._from_config(model_cls.config_class.from_pretrained(folder))
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    for weights in sorted(folder.glob("*.safetensors")):
-        with safe_open(weights, "pt") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if key in expected and expected[key] != shape:
-                    raise ValueError(
-                        f"The component `{name}` does not match its config: {weights.name} holds {key} of shape "
-                        f"{shape}, the config of {folder} expects {expected[key]}."
-                    )
+    model = meta_model(name, folder, model_cls)
+    state = model.state_dict(keep_vars=True)
+    expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    stored = _stored_shapes(name, weight_files(name, folder, variant))
+    for key in sorted(stored.keys() & expected.keys()):
+        if stored[key] != expected[key]:
+            raise ValueError(
+                f"The component `{name}` does not match its config: its weights hold {key} of shape {stored[key]}, "
+                f"the config in {folder} expects {expected[key]}."
+            )
+    present = {id(state[key]) for key in stored.keys() & expected.keys()}  # a tied tensor is stored under one name
+    missing = [k for k in expected if k not in stored and id(state[k]) not in present
+               and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_missing", None))]
+    unexpected = [k for k in stored if k not in expected and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None))]
+    for problem, keys in (("lack", missing), ("hold unexpected", unexpected)):
+        if keys:
+            raise ValueError(
+                f"The component `{name}` does not match its config in {folder}: its weights {problem} {len(keys)} "
+                f"tensors ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})."
+            )
 
 
 def model_card(repo_id: str) -> ModelCard:
@@ -101,21 +232,26 @@ class LavitPipelineMixin:
 
     @classmethod
     def check_folder(cls, folder: Path, passed: dict) -> None:
-        """FileNotFoundError/ValueError naming the first component the folder lacks (components in `passed` are
-        given by the caller and not loaded)."""
+        """Before anything is imported or loaded: FileNotFoundError/ValueError naming the first component of this
+        pipeline that the folder lacks, that names a class outside this package, diffusers and transformers (or
+        not the declared one), or whose weights do not fit its config (components in `passed` are given by the
+        caller and not loaded)."""
+        index = read_model_index(folder)
         index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{folder} is not a converted LaVIT folder: it has no model_index.json.")
-        index = json.loads(index_path.read_text())
-        for name in cls.component_names():
-            entry = index.get(name, [None, None])
-            if name in passed or entry[0] is None:
-                if entry[0] is None and name not in passed and name not in cls._optional_components:
+        declared = inspect.signature(cls.__init__).parameters
+        loaded = [name for name in cls.component_names() if name not in passed]
+        for name, entry in index.items():  # passed-in components and other pipelines' too: diffusers looks them up
+            if not name.startswith("_") and name not in loaded:
+                resolve_component_class(name, entry, index_path, None)
+        for name in loaded:
+            model_cls = resolve_component_class(name, index.get(name), index_path, declared[name].annotation)
+            if model_cls is None:
+                if name not in cls._optional_components:
                     raise ValueError(f"{index_path} has no entry for the component `{name}`.")
                 continue
             if not (folder / name).is_dir():
                 raise FileNotFoundError(f"The component `{name}` is missing: {folder / name} does not exist.")
-            check_component_shapes(name, folder / name, entry)
+            check_component_weights(name, folder / name, model_cls, passed.get("variant"))
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:

@@ -19,7 +19,7 @@ from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, c
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
 from .outputs import LavitText2ImagePipelineOutput
-from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
+from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +47,17 @@ EXAMPLE_DOC_STRING = """
         >>> image = pipe("<image> it is running in the snow", image=dog).images[0]
         ```
 """
+
+
+def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_images_per_prompt: int) -> None:
+    """ValueError naming the prompt whose sampled row holds no visual token (nothing the pixel decoder can draw)."""
+    for row, row_codes in enumerate(codes):
+        if len(row_codes) == 0:
+            prompt = prompts[row // num_images_per_prompt]
+            raise ValueError(
+                f"The language model produced no visual token for the prompt {prompt!r} (image {row}); raise "
+                f"`min_new_tokens` or use another seed."
+            )
 
 
 class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
@@ -175,7 +186,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     def check_inputs(
         self, prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
         do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
-        latents, output_type, callback_on_step_end_tensor_inputs,
+        latents, output_type, callback_on_step_end_tensor_inputs, eta=0.0,
     ) -> None:
         """Raise a clear error for any invalid argument, before any model runs."""
         if (prompt is None) == (visual_token_ids is None):
@@ -191,8 +202,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             if not isinstance(size, int) or size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {size!r}.")
         check_positive_int("num_inference_steps", num_inference_steps)
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a non-negative number, got {guidance_scale!r}.")
+        check_float("guidance_scale", guidance_scale)
+        check_float("eta", eta)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -207,6 +218,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must be a tensor of shape {shape} for this batch and size, got {got}.")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("`latents` must hold finite values, found NaN or infinity.")
         generators = generator if isinstance(generator, list) else [generator]
         if not all(g is None or isinstance(g, torch.Generator) for g in generators):
             raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
@@ -214,12 +227,15 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
 
     def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
-        if llm_guidance_scale is not None and (not isinstance(llm_guidance_scale, (int, float)) or llm_guidance_scale <= 0):
-            raise ValueError(f"`llm_guidance_scale` must be a positive number, got {llm_guidance_scale!r}.")
+        if llm_guidance_scale is not None:
+            check_float("llm_guidance_scale", llm_guidance_scale)
         check_token_limits(min_new_tokens, max_new_tokens)
         context = self.language_model.config.max_position_embeddings
         if max_new_tokens >= context - 1:
             raise ValueError(f"`max_new_tokens` must leave room for the prompt in the {context}-token context, got {max_new_tokens}.")
+        queries = self.pixel_decoder.config.num_queries if self.pixel_decoder is not None else max_new_tokens
+        if max_new_tokens > queries:
+            raise ValueError(f"`max_new_tokens` must be at most the pixel decoder's {queries} visual tokens, got {max_new_tokens}.")
         check_sampling(do_sample, top_k, top_p, temperature)
 
     def check_image_prompts(self, prompts: list[str], image) -> list[list]:
@@ -230,6 +246,17 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         if flat and self.visual_tokenizer is None:
             raise ValueError(NO_VISUAL_TOKENIZER)
         return images
+
+    def check_reconstruct_inputs(self, images: list, num_inference_steps, guidance_scale, eta) -> None:
+        """What `reconstruct` checks before the visual tokenizer runs (the rest is checked by `__call__`)."""
+        if not images:
+            raise ValueError("`image` must hold at least one image.")
+        check_image_items(images)
+        if self.visual_tokenizer is None:
+            raise ValueError(NO_VISUAL_TOKENIZER)
+        check_positive_int("num_inference_steps", num_inference_steps)
+        check_float("guidance_scale", guidance_scale)
+        check_float("eta", eta)
 
     # ------------------------------------------------------------------ language-model stage
 
@@ -294,7 +321,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         images = self.check_image_prompts(prompts, image)
         self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
         if llm_guidance_scale is None:
-            llm_guidance_scale = 5.0 if any(images) else 4.0
+            llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
         encoded = self.encode_prompt(prompts, images, max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
         config = self.language_model.config
@@ -318,7 +345,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 cache_implementation=cache_implementation,
                 compile=compile,
             )
-        return [self.language_model.token_ids_to_codes(row) for row in generated]
+        codes = [self.language_model.token_ids_to_codes(row) for row in generated]
+        check_generated_codes(prompts, codes, num_images_per_prompt)
+        return codes
 
     # ------------------------------------------------------------------ diffusion stage
 
@@ -465,7 +494,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         self.check_inputs(
             prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
             do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
-            latents, output_type, callback_on_step_end_tensor_inputs,
+            latents, output_type, callback_on_step_end_tensor_inputs, eta=eta,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -477,7 +506,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 max_new_tokens, num_images_per_prompt, generator, **(llm_decoding_kwargs or {}),
             )
         else:
-            visual_token_ids = [torch.as_tensor(ids) for ids in visual_token_ids for _ in range(num_images_per_prompt)]
+            visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]
         decoded = self.encode_visual_tokens(visual_token_ids)
         prompt_embeds, unet_kwargs = self._unet_conditioning(decoded, height, width)
         latents = self.prepare_latents(len(visual_token_ids), height, width, prompt_embeds.dtype, device, generator, latents)
@@ -503,7 +532,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     def reconstruct(self, image, num_inference_steps: int = 50, guidance_scale: float = 5.0, generator=None, **kwargs):
         """Image -> stage-1 visual tokens -> image (LaVIT's reconstruction: 50 steps, guidance 5.0).
         Further keyword arguments go to `__call__`."""
-        codes = self._tokenize_images(list(image) if isinstance(image, (list, tuple, torch.Tensor)) else [image], generator)
+        images = list(image) if isinstance(image, (list, tuple, torch.Tensor)) else [image]
+        self.check_reconstruct_inputs(images, num_inference_steps, guidance_scale, kwargs.get("eta", 0.0))
+        codes = self._tokenize_images(images, generator)
         return self(
             visual_token_ids=codes, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             generator=generator, **kwargs,

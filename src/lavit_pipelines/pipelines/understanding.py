@@ -14,7 +14,7 @@ from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
 from .outputs import LavitUnderstandingPipelineOutput
-from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
+from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
 
 VQA_PROMPT = "Question: {} Answer:"
 # The original's post-processing of VQA answers: keep what comes before the first of these, in this order.
@@ -170,15 +170,28 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
                 f"`num_return_sequences` ({num_return_sequences}) must be at most `num_beams` ({num_beams}) without sampling."
             )
         check_sampling(do_sample, top_k, top_p, temperature)
-        if not isinstance(length_penalty, (int, float)):
-            raise TypeError(f"`length_penalty` must be a number, got {type(length_penalty).__name__}.")
-        if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
-            raise ValueError(f"`repetition_penalty` must be a positive number, got {repetition_penalty!r}.")
+        check_float("length_penalty", length_penalty)
+        check_float("repetition_penalty", repetition_penalty)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a single `torch.Generator`, got {type(generator).__name__}.")
         check_image_items(list(image) if isinstance(image, (list, tuple)) else [image])
         if streamer is not None and num_beams > 1:
             raise ValueError("`streamer` cannot be used with beam search (`num_beams` > 1).")
+        self.check_context(prompt, max_new_tokens)
+
+    def check_context(self, prompt, max_new_tokens: int) -> None:
+        """ValueError when the longest prompt, an image (at most one feature per patch, plus [IMG] and [/IMG]) and
+        `max_new_tokens` do not fit the language model's context."""
+        vision = self.visual_tokenizer.config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 2
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        longest = max((len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts), default=0)
+        context = self.language_model.config.max_position_embeddings
+        if longest + image_tokens + max_new_tokens > context:
+            raise ValueError(
+                f"`prompt` ({longest} tokens) + the image (up to {image_tokens}) + `max_new_tokens` ({max_new_tokens}) "
+                f"exceed the language model's {context}-token context; shorten the prompt or lower `max_new_tokens`."
+            )
 
     def encode_images(self, image, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Images (one call to the visual tokenizer for the whole batch) -> per image (n_i, llm_dim) features."""

@@ -1,0 +1,51 @@
+"""Staging folders: output written under a hidden name that records its owner, published by an atomic rename,
+and cleaned up after processes that were killed before they could clean up themselves.
+
+A staging folder is `.<target>.<kind>-<host>-<pid>-<random>` beside its target. Only folders of this host
+whose process is gone are touched, so a conversion running on another machine of a shared filesystem, or in
+another process here, is never disturbed.
+"""
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+STAGING_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>building|replaced)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+BUILDING, REPLACED = "building", "replaced"
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "localhost"
+
+
+def staging_folder(target: Path, kind: str = BUILDING) -> Path:
+    """A new empty folder beside `target`, named for this host and process."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{_host()}-{os.getpid()}-", dir=target.parent))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_staging(parent: Path) -> None:
+    """Remove the staging folders in `parent` left by dead processes of this host. A target moved aside (into a
+    `replaced` folder) whose replacement never arrived is put back instead of removed."""
+    if not parent.is_dir():
+        return
+    for path in parent.iterdir():
+        match = STAGING_NAME.fullmatch(path.name)
+        if not match or match["host"] != _host() or process_alive(int(match["pid"])):
+            continue
+        target, moved_aside = parent / match["target"], path / match["target"]
+        if match["kind"] == REPLACED and moved_aside.exists() and not target.exists() and not target.is_symlink():
+            os.rename(moved_aside, target)
+        shutil.rmtree(path, ignore_errors=True)
