@@ -201,7 +201,7 @@ def run_generate(args) -> None:
 
     if args.prompts:
         return run_generate_many(args)
-    pipe = load_pipeline(LavitText2ImagePipeline, args, load_visual_tokenizer=bool(args.image))
+    pipe = load_pipeline(LavitText2ImagePipeline, args, **({} if args.image else {"visual_tokenizer": None}))
     out = pipe(
         args.prompt, image=args.image or None, num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed), **generation_kwargs(args),
@@ -255,7 +255,7 @@ def run_reconstruct(args) -> None:
 
     check_image_file(args.image, "IMAGE")
     output = check_output(args.output)
-    pipe = load_pipeline(LavitText2ImagePipeline, args, load_visual_tokenizer=True)
+    pipe = load_pipeline(LavitText2ImagePipeline, args)
     out = pipe.reconstruct(args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
     save_image(out.images[0], output)
     print(output)
