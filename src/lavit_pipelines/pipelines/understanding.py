@@ -1,6 +1,7 @@
 """LavitUnderstandingPipeline: images (+ text) -> LaVIT's stage-2 visual features -> LLaMA -> text."""
 
 import contextlib
+import copy
 
 import torch
 from diffusers import DiffusionPipeline
@@ -341,16 +342,19 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
         )
         settings = {k: v for k, v in settings.items() if k not in unused}
 
+        config = copy.deepcopy(generation_config or self.language_model.generation_config)
+        extra = config.update(**{**self._token_ids(), **settings, **generate_kwargs})  # -> the non-config arguments
         seeded = _seeded_sampling(generator if settings["do_sample"] else None, self._execution_device)
         with self.progress_bar(total=settings["max_new_tokens"], desc="text tokens") as progress, seeded:
             processors = [_SuppressIdRange(self.language_model.lavit_token_id_range), _ProgressProcessor(progress)]
             sequences = self.language_model.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                generation_config=generation_config,
-                logits_processor=LogitsProcessorList([*processors, *generate_kwargs.pop("logits_processor", [])]),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([*processors, *extra.pop("logits_processor", [])]),
                 streamer=streamer,
-                **{**self._token_ids(), "tokenizer": self.tokenizer, **settings, **generate_kwargs},
+                tokenizer=self.tokenizer,
+                **extra,
             )
         self.maybe_free_model_hooks()
         sequences = sequences.cpu()
@@ -370,7 +374,10 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
         configured = configured.to_diff_dict() if configured is not None else {}
         if kwargs.get("streamer") is not None:  # streamers need greedy search or sampling
             defaults = {**defaults, "num_beams": 1}
-        return {**{k: v for k, v in defaults.items() if k not in configured}, **kwargs}
+        settings = {**{k: v for k, v in defaults.items() if k not in configured}, **kwargs}
+        if "min_new_tokens" not in kwargs and isinstance(settings.get("max_new_tokens"), int):
+            settings["min_new_tokens"] = min(settings.get("min_new_tokens", 0), settings["max_new_tokens"])
+        return settings
 
     def caption(self, image, **kwargs) -> list[str]:
         """Captions with the original's defaults (beam search with 2 beams, 8–36 new tokens, no prompt), cut
