@@ -29,7 +29,7 @@ class LavitConfig(LlamaConfig):
     (`model_type` "llama", architecture `LlamaForCausalLM`) whose extra fields stock transformers keeps.
     Folders converted before, with `model_type` "lavit", still load with [`LavitForCausalLM`].
 
-    Args:
+    Attributes:
         image_start_token_id (`int`, defaults to 32000): id of ``[IMG]``, which opens an image.
         image_end_token_id (`int`, defaults to 32001): id of ``[/IMG]``, which closes an image.
         visual_token_offset (`int`, defaults to 32002): id of visual code 0; code ``c`` is token

@@ -1,17 +1,22 @@
 """LavitText2ImagePipeline: text (and image) prompts -> LaVIT visual tokens -> pixel decoder -> UNet -> VAE."""
 
 import inspect
+import os
 from typing import Callable
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..generation import sample_visual_tokens
 from ..image_processor import LavitImageProcessor
@@ -30,6 +35,7 @@ NO_VISUAL_TOKENIZER = (
     "argument or pass `visual_tokenizer=`."
 )
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ImageInput = PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list
 # LaVIT's default decoder sizes (height, width) per aspect ratio.
 ASPECT_RATIO_SIZES = {
     "1:1": (1024, 1024), "4:3": (896, 1152), "3:2": (832, 1216), "16:9": (768, 1344), "2:3": (1216, 832), "3:4": (1152, 896)
@@ -47,7 +53,7 @@ EXAMPLE_DOC_STRING = """
         >>> # image prompts: put <image> where each image goes
         >>> image = pipe("<image> it is running in the snow", image=dog).images[0]
 
-        >>> # text prompts only: skip the visual tokenizer (about 2 GB less in bf16)
+        >>> # text prompts only: skip the visual tokenizer (3.6 GB less in bf16)
         >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", visual_tokenizer=None)
         ```
 """
@@ -61,10 +67,16 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
     SD-1.5 for the low-res one); the UNet denoises with guidance against the decoder's negative condition.
 
     Args:
-        tokenizer: LaVIT's LLaMA tokenizer. language_model: [`LavitForCausalLM`].
-        pixel_decoder: [`LavitPixelDecoder`]. unet, vae, scheduler: the diffusion decoder.
-        visual_tokenizer: [`LavitVisualTokenizer`], needed only for image prompts and `reconstruct`.
-        safety_checker, feature_extractor: optional Stable Diffusion safety checker and its processor.
+        tokenizer: LaVIT's LLaMA tokenizer.
+        language_model: [`LavitForCausalLM`].
+        pixel_decoder: [`LavitPixelDecoder`].
+        unet: the diffusion decoder's UNet (SDXL's or SD-1.5's layout).
+        vae: the diffusion decoder's VAE.
+        scheduler: the diffusion decoder's scheduler (DDIM, as the original; any diffusers scheduler works).
+        visual_tokenizer: [`LavitVisualTokenizer`], needed only for image prompts and `reconstruct`; skip it
+            with `from_pretrained(..., visual_tokenizer=None)` (saves 3.6 GB in bf16).
+        safety_checker: optional Stable Diffusion safety checker.
+        feature_extractor: the safety checker's image processor.
     """
 
     model_cpu_offload_seq = "visual_tokenizer->language_model->pixel_decoder->unet->vae"
@@ -80,8 +92,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,
         visual_tokenizer: LavitVisualTokenizer | None = None,
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: BaseImageProcessor | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -208,6 +220,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
             raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+
+    def check_schedule(self, timesteps, sigmas) -> None:
+        """ValueError unless at most one of `timesteps` and `sigmas` is given, and the scheduler takes it."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`.")
+        for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(f"`{name}`: {type(self.scheduler).__name__} does not take custom {name}.")
 
     def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
         if llm_guidance_scale is not None and (not isinstance(llm_guidance_scale, (int, float)) or llm_guidance_scale <= 0):
@@ -427,7 +447,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        image=None,
+        image: ImageInput | None = None,
         visual_token_ids: list[torch.Tensor] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -451,7 +471,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         llm_decoding_kwargs: dict | None = None,
-    ):
+    ) -> LavitText2ImagePipelineOutput | tuple:
         r"""Generate images from prompts, or decode given visual tokens.
 
         Args:
@@ -459,26 +479,43 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
             image: the prompt images (PIL, paths, or a preprocessed (N, 3, 224, 224) tensor); a list per prompt
                 when `prompt` is a list.
             visual_token_ids: per image a LongTensor of codebook indices; skips the language model.
-            height, width: output size, multiples of the VAE factor; default the UNet's native size
-                (1024 for the high-res decoder, 512 for the low-res one). LaVIT's aspect ratios:
-                `ASPECT_RATIO_SIZES`.
-            num_inference_steps, guidance_scale: denoising steps and decoder guidance (off when <= 1).
+            height: output height, a multiple of the VAE factor; default the UNet's native size (1024 for the
+                high-res decoder, 512 for the low-res one). LaVIT's aspect ratios: `ASPECT_RATIO_SIZES`.
+            width: output width, as `height`.
+            num_inference_steps: denoising steps.
+            timesteps: custom denoising timesteps, for schedulers whose `set_timesteps` takes them (overrides
+                `num_inference_steps`).
+            sigmas: custom sigmas, for schedulers whose `set_timesteps` takes them (overrides
+                `num_inference_steps`).
+            guidance_scale: decoder guidance against the pixel decoder's negative condition (off when <= 1).
             llm_guidance_scale: guidance of the visual-token sampling; default 4.0 (5.0 with image prompts).
-            do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens: visual-token sampling.
+            do_sample: sample the visual tokens (False: greedy).
+            top_k: visual-token top-k (0: off).
+            top_p: visual-token nucleus threshold (1.0: off).
+            temperature: visual-token softmax temperature.
+            min_new_tokens: fewest visual tokens before `[/IMG]` may end the image.
+            max_new_tokens: most visual tokens per image.
             num_images_per_prompt: images per prompt (each with its own visual tokens).
             generator: a `torch.Generator` (or one per image) for the tokens and the initial noise.
             latents: initial noise (B, C, height/8, width/8).
-            eta: DDIM eta. output_type: "pil", "np", "pt" or "latent". return_dict: return the output class.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: called after every denoising step with
-                the named tensors (`latents`, `prompt_embeds`); returned tensors replace them.
+            eta: DDIM's eta (schedulers that take it).
+            output_type: "pil", "np", "pt" or "latent".
+            return_dict: return the output class instead of a tuple.
+            callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, tensors)`
+                (or a diffusers `PipelineCallback`); the tensors it returns replace the pipeline's.
+            callback_on_step_end_tensor_inputs: the tensors the callback receives, from
+                `_callback_tensor_inputs`: `latents`, `prompt_embeds`, `add_text_embeds`, `add_time_ids` (SDXL's
+                names; under guidance the negative rows come first).
             llm_decoding_kwargs: passed to `generate_visual_tokens`: `cache_implementation` ("dynamic" or
                 "static") and `compile`.
 
         Examples:
 
         Returns:
-            [`LavitText2ImagePipelineOutput`] (or a tuple `(images, visual_token_ids)`).
+            The images and their visual tokens: a `LavitText2ImagePipelineOutput`, or the tuple
+                `(images, visual_token_ids)` with `return_dict=False`.
         """
+        self.check_schedule(timesteps, sigmas)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor

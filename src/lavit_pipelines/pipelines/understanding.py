@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -14,6 +15,7 @@ from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
+from .text2image import ImageInput
 from .outputs import LavitUnderstandingPipelineOutput
 from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
 
@@ -134,7 +136,8 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
     prompt, and generates text with the visual ids suppressed.
 
     Args:
-        tokenizer: LaVIT's LLaMA tokenizer. language_model: [`LavitForCausalLM`].
+        tokenizer: LaVIT's LLaMA tokenizer.
+        language_model: [`LavitForCausalLM`].
         visual_tokenizer: [`LavitVisualTokenizer`] (its `encode_features`).
     """
 
@@ -259,7 +262,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        image,
+        image: ImageInput,
         prompt: str | list[str] | None = None,
         max_new_tokens: int | None = None,
         min_new_tokens: int | None = None,
@@ -277,8 +280,8 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
         return_dict: bool = True,
         pad_prompt_before_image: bool = False,
         generation_config: GenerationConfig | None = None,
-        **generate_kwargs,
-    ):
+        **generate_kwargs: Any,
+    ) -> LavitUnderstandingPipelineOutput | tuple:
         r"""Generate text about images.
 
         Each generation setting below takes, in this order, the value passed here, the value `generation_config`
@@ -315,8 +318,9 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
         Examples:
 
         Returns:
-            [`LavitUnderstandingPipelineOutput`] (or a tuple `(text, sequences)`): `text` has B ×
-            `num_return_sequences` entries, `sequences` (B × num_return_sequences, T) the generated ids only.
+            The text and the generated ids: a `LavitUnderstandingPipelineOutput`, or the tuple `(text, sequences)`
+                with `return_dict=False`. `text` has B × `num_return_sequences` entries, `sequences` is
+                (B × num_return_sequences, T) and holds the generated ids only.
         """
         given = dict(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
