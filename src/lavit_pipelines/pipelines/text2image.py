@@ -334,6 +334,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffu
                 cache_implementation=cache_implementation,
                 compile=compile,
             )
+            progress.total = progress.n  # the images ended after this many tokens: the bar ends full
         return [self.language_model.token_ids_to_codes(row) for row in generated]
 
     # ------------------------------------------------------------------ diffusion stage
