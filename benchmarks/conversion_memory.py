@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from lavit_pipelines.conversion import DTYPES, PIXEL_DECODERS
+from machine import describe_machine
 
 # Everything the conversion imports, lazily loaded modules included.
 IMPORT_ONLY = (
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     baseline, _ = peak_rss(IMPORT_ONLY)
     with tempfile.TemporaryDirectory() as tmp:
         peak, seconds = peak_rss(CONVERT, str(args.checkpoint_path), str(Path(tmp) / "out"), args.pixel_decoder, args.dtype)
+    print(describe_machine())
     print(f"largest source file : {size / MIB:10.1f} MiB  ({largest.relative_to(args.checkpoint_path)})")
     print(f"import-only peak RSS: {baseline / MIB:10.1f} MiB")
     print(f"conversion peak RSS : {peak / MIB:10.1f} MiB  ({seconds:.1f} s)")

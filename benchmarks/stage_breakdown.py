@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lavit_pipelines import LavitText2ImagePipeline
+from machine import describe_machine
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lavit-tiny-original" / "original_checkpoint"
 
@@ -47,9 +48,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--size", type=int, default=None, help="height = width (default: the UNet's native size)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = args.pipeline
     if path is None:
@@ -81,7 +83,8 @@ def main() -> None:
 
     tokens = len(out.visual_token_ids[0])
     print(f"pipeline {path}; image {out.images.shape[1]}x{out.images.shape[2]}; {tokens} visual tokens; "
-          f"{args.steps} UNet steps (CFG batch 2); torch {torch.__version__}, {args.threads} thread(s)")
+          f"{args.steps} UNet steps (CFG batch 2)")
+    print(describe_machine())
     print("| stage | calls | total ms | per call ms | share |")
     print("|---|---:|---:|---:|---:|")
     for name, timer in timers.items():

@@ -2,14 +2,13 @@
 original LaVIT's method (transformers `generate(..., guidance_scale=g, negative_prompt_ids=...)`, whose
 unbatched CFG processor runs a second forward per token), same process, same random weights.
 
-    python benchmarks/visual_tokens_cpu.py [--tokens 64] [--repeats 5] [--hidden 512 --layers 8 ...]
+    python benchmarks/visual_tokens_cpu.py [--threads 1] [--tokens 64] [--repeats 5] [--hidden 512 --layers 8 ...]
 
 Both produce exactly `--tokens` tokens (min_new_tokens = max_new_tokens) and the script checks that greedy
 decoding gives identical tokens on both paths before timing.
 """
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lavit_pipelines.generation import sample_visual_tokens
+from machine import describe_machine
 
 IMG, END_IMG, PAD = 32000, 32001, 2
 
@@ -83,10 +83,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--greedy", action="store_true", help="time greedy decoding instead of top-k sampling")
     parser.add_argument("--static", action="store_true", help="also time the static-cache path")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steadier numbers on a small shared machine)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.vocab)
     prompt = torch.cat([torch.randint(3, 32000, (args.prompt_length,), generator=torch.Generator().manual_seed(1)),
@@ -115,8 +115,7 @@ def main() -> None:
     results = [(name, median) for (name, _), median in zip(rows, medians)]
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{describe_machine()}, transformers {transformers.__version__}")
     print(f"LLM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab} ({params:.1f}M params, fp32); prompt {args.prompt_length + 1} tokens; "
           f"{n} tokens; guidance {g}; {'greedy' if args.greedy else 'top-k 50 sampling'}; "

@@ -51,6 +51,43 @@ def test_caption_and_ask_print_one_line(photo, capsys, command):
     assert out.endswith("\n") and out.count("\n") == 1
 
 
+def test_caption_several_images_one_line_each(photo, tmp_path, capsys):
+    other = tmp_path / "other.png"
+    PIL.Image.new("RGB", (20, 50), (0, 90, 200)).save(other)
+    assert main(["caption", str(photo), str(other)]) == 0
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+HELP_IMPORTS = """
+import sys
+from lavit_pipelines.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["--version"]])
+def test_help_and_version_import_no_heavy_library(args):
+    out = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *args], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_version_and_defaults_in_help(capsys):
+    from lavit_pipelines import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lavit {__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "denoising steps (default: 25)" in text and "decoder guidance (default: 7.0)" in text
+    assert "NAME-0.png" in text and "(default: None)" not in text
+
+
 def test_reconstruct(tmp_path, photo):
     out = tmp_path / "rec.png"
     assert main(["reconstruct", str(photo), "--output", str(out), "--steps", "2"]) == 0

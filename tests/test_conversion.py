@@ -98,7 +98,7 @@ def test_fixture_conversion_loads_every_component(converted_dir, converted_lowre
         release = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
                        set_alpha_to_one=False)
         assert {k: scheduler.config[k] for k in release} == release
-    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
     assert isinstance(pipe.language_model, LavitForCausalLM) and isinstance(pipe.visual_tokenizer, LavitVisualTokenizer)
 
 
@@ -321,7 +321,7 @@ def test_unseen_dimensions_convert_end_to_end(unseen_checkpoint, tmp_path):
     assert {k: getattr(config, k) for k in LLM_DIMS} == LLM_DIMS
     assert (config.vocab_size, config.visual_vocab_size, config.visual_token_offset) == (32066, 64, 32002)
     assert len(list((out / "language_model").glob("model-*-of-00002.safetensors"))) == 2
-    pipe = LavitText2ImagePipeline.from_pretrained(out, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(out)
     assert public_config(pipe.visual_tokenizer.config) == configs["visual_tokenizer"]
     assert public_config(pipe.pixel_decoder.config) == configs["pixel_decoder"]
 

@@ -26,7 +26,7 @@ def forbid(module):
 
 @pytest.fixture(scope="module")
 def t2i(converted_dir):
-    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

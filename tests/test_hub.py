@@ -26,7 +26,7 @@ def offline_cache(converted_dir, tmp_path, monkeypatch):
 
 
 def test_text2image_pipeline_loads_by_repo_id(offline_cache):
-    pipe = LavitText2ImagePipeline.from_pretrained(REPO_ID, cache_dir=offline_cache, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(REPO_ID, cache_dir=offline_cache)
     assert pipe.visual_tokenizer is not None and pipe.unet is not None
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,7 +45,7 @@ def tiny_model(**overrides) -> LavitForCausalLM:
 
 def test_config_defaults_describe_the_release():
     config = LavitConfig()
-    assert config.model_type == "lavit"
+    assert config.model_type == "llama"
     assert config.vocab_size == 48386
     assert (config.image_start_token_id, config.image_end_token_id) == (32000, 32001)
     assert config.visual_token_offset == 32002 and config.visual_vocab_size == 16384
@@ -54,12 +57,12 @@ def test_config_round_trip_keeps_lavit_ids(tmp_path):
     config = tiny_config()
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model_type"] == "lavit"
+    assert saved["model_type"] == "llama"
     for key, value in TINY_IDS.items():
         assert saved[key] == value
     for loader in (LavitConfig.from_pretrained, AutoConfig.from_pretrained):
         loaded = loader(tmp_path)
-        assert isinstance(loaded, LavitConfig)
+        assert isinstance(loaded, LlamaConfig)  # stock transformers reads a LLaMA config that carries the ids
         for key, value in TINY_IDS.items():
             assert getattr(loaded, key) == value
         assert loaded.hidden_size == 16 and loaded.num_hidden_layers == 2
@@ -79,11 +82,11 @@ def test_module_binds_pretrained_model_for_diffusers():
     assert issubclass(LavitForCausalLM, PreTrainedModel)
 
 
-def test_registration_is_idempotent():
-    language_model_module._register()  # already registered at import: must not raise
-    language_model_module._register()
-    assert isinstance(AutoConfig.for_model("lavit", **TINY_IDS), LavitConfig)
-    assert type(AutoModelForCausalLM.from_config(tiny_config())) is LavitForCausalLM
+def test_nothing_registered_with_the_auto_classes():
+    """A LLaMA config needs no registration: importing this package leaves transformers' mappings alone."""
+    config = AutoConfig.for_model("llama", **{k: v for k, v in tiny_config().to_dict().items() if k != "model_type"})
+    assert type(config) is LlamaConfig and config.visual_token_offset == 102
+    assert type(AutoModelForCausalLM.from_config(config)) is LlamaForCausalLM
 
 
 # --------------------------------------------------------------------------- model
@@ -113,8 +116,8 @@ def test_save_load_round_trip(tmp_path, dtype):
     model = tiny_model().to(dtype)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model_type"] == "lavit"
-    assert saved["architectures"] == ["LavitForCausalLM"]
+    assert saved["model_type"] == "llama"
+    assert saved["architectures"] == ["LlamaForCausalLM"]
 
     ids = torch.tensor([[3, 9, 100, 102, 127, 101, 2]])
     with torch.no_grad():
@@ -122,13 +125,46 @@ def test_save_load_round_trip(tmp_path, dtype):
 
     for loader in (LavitForCausalLM, AutoModelForCausalLM):
         loaded = loader.from_pretrained(tmp_path, dtype=dtype).eval()
-        assert type(loaded) is LavitForCausalLM
+        assert type(loaded) is (LavitForCausalLM if loader is LavitForCausalLM else LlamaForCausalLM)
         assert loaded.dtype == dtype
-        assert loaded.config.visual_token_id_range == range(102, 128)
+        assert (loaded.config.visual_token_offset, loaded.config.visual_vocab_size) == (102, 26)
         for key, value in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), key
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_folder_converted_with_the_old_model_type_still_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "lavit"}))
+    loaded = LavitForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.model_type == "llama" and loaded.config.visual_token_id_range == range(102, 128)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+STOCK_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert not any(name.startswith("lavit_pipelines") for name in sys.modules), "lavit_pipelines was imported"
+with torch.no_grad():
+    logits = model(torch.tensor([[5, 17, 100, 110, 127, 101]])).logits
+torch.save({"logits": logits, "class": type(model).__name__, "offset": model.config.visual_token_offset}, sys.argv[2])
+"""
+
+
+def test_stock_transformers_loads_the_converted_language_model(converted_dir, tmp_path):
+    """A process that never imports this package loads `language_model/` with AutoModelForCausalLM."""
+    folder = converted_dir / "language_model"
+    subprocess.run([sys.executable, "-c", STOCK_LOAD, str(folder), str(tmp_path / "out.pt")], check=True,
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    stock = torch.load(tmp_path / "out.pt")
+    ours = LavitForCausalLM.from_pretrained(folder).eval()
+    assert stock["class"] == "LlamaForCausalLM" and stock["offset"] == ours.config.visual_token_offset
+    with torch.no_grad():
+        torch.testing.assert_close(stock["logits"], ours(torch.tensor([[5, 17, 100, 110, 127, 101]])).logits, rtol=0, atol=0)
 
 
 def test_id_helpers():

@@ -7,9 +7,9 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-from diffusers.callbacks import PipelineCallback
+from diffusers.callbacks import PipelineCallback, SDCFGCutoffCallback, SDXLCFGCutoffCallback
 
-from lavit_pipelines import LavitText2ImagePipeline
+from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 
 VISUAL_OFFSET = 32002
 
@@ -31,7 +31,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pipe(converted_dir):
-    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -194,7 +194,7 @@ def test_pipeline_callback_object_changes_guidance(pipe, small):
 
 def test_save_pretrained_round_trip(pipe, small, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
-    reloaded = LavitText2ImagePipeline.from_pretrained(tmp_path / "saved", load_visual_tokenizer=True)
+    reloaded = LavitText2ImagePipeline.from_pretrained(tmp_path / "saved")
     reloaded.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kwargs = dict(visual_token_ids=[torch.arange(40)], latents=latents, output_type="np", **small)
@@ -202,35 +202,128 @@ def test_save_pretrained_round_trip(pipe, small, tmp_path):
     assert reloaded.visual_tokenizer is not None
 
 
-def test_visual_tokenizer_not_loaded_unless_asked(converted_dir):
+def test_every_component_loads_and_saving_keeps_it(converted_dir, tmp_path):
     pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
+    assert pipe.visual_tokenizer is not None
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["visual_tokenizer"][1] == "LavitVisualTokenizer"
+    understanding = LavitUnderstandingPipeline.from_pretrained(tmp_path / "saved")
+    assert understanding.visual_tokenizer is not None
+
+
+def test_visual_tokenizer_skipped_only_when_passed_none(converted_dir):
+    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir, visual_tokenizer=None)
     assert pipe.visual_tokenizer is None
-    with pytest.raises(ValueError, match="load_visual_tokenizer=True"):
+    with pytest.raises(ValueError, match="visual_tokenizer=None"):
         pipe("<image> in the snow", image=PIL.Image.new("RGB", (32, 32)))
 
 
-def test_scheduler_swap(pipe, small):
+def test_understanding_from_pipe_shares_components(pipe, fixture_dir):
+    understanding = LavitUnderstandingPipeline.from_pipe(pipe)
+    assert understanding.language_model is pipe.language_model
+    assert understanding.visual_tokenizer is pipe.visual_tokenizer
+    understanding.set_progress_bar_config(disable=True)
+    image = PIL.Image.open(fixture_dir / "reference" / "image_0.png")
+    assert len(understanding(image, max_new_tokens=3).text) == 1
+
+
+def euler_leading(pipe) -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+
+
+def sdxl_from(pipe, scheduler) -> StableDiffusionXLPipeline:
+    sdxl = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=pipe.unet, scheduler=scheduler)
+    sdxl.set_progress_bar_config(disable=True)
+    return sdxl
+
+
+def run_sdxl(sdxl, cond, latents, **kwargs):
+    return sdxl(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
+                negative_prompt_embeds=cond.negative_prompt_embeds,
+                negative_pooled_prompt_embeds=cond.negative_pooled_prompt_embeds, latents=latents, **kwargs).images
+
+
+def test_euler_scheduler_matches_sdxl_and_repeats(pipe, small):
+    """Euler's `init_noise_sigma` depends on the timesteps: they must be set before the latents are scaled."""
+    codes = [torch.arange(5, 60)]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     original = pipe.scheduler
     try:
-        pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
-        out = pipe(visual_token_ids=[torch.arange(30)], output_type="np", **small)
-        assert np.isfinite(out.images).all()
+        pipe.scheduler = euler_leading(pipe)
+        ours = [pipe(visual_token_ids=codes, latents=latents, output_type="np", **small).images for _ in range(2)]
     finally:
         pipe.scheduler = original
+    theirs = run_sdxl(sdxl_from(pipe, euler_leading(pipe)), pipe.encode_visual_tokens(codes), latents,
+                      guidance_scale=7.0, output_type="np", **small)
+    assert np.array_equal(ours[0], ours[1])
+    assert np.abs(ours[0] - theirs).max() < 1e-5
+
+
+def test_custom_timesteps_and_sigmas_match_sdxl(pipe):
+    codes = [torch.arange(5, 60)]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = pipe.encode_visual_tokens(codes)
+    original = pipe.scheduler
+    for schedule in (dict(timesteps=[999, 500, 20]), dict(sigmas=[14.0, 3.0, 0.5])):
+        try:
+            pipe.scheduler = euler_leading(pipe)
+            ours = pipe(visual_token_ids=codes, latents=latents, output_type="np", height=64, width=64, **schedule).images
+        finally:
+            pipe.scheduler = original
+        theirs = run_sdxl(sdxl_from(pipe, euler_leading(pipe)), cond, latents, output_type="np", height=64, width=64,
+                          guidance_scale=7.0, **schedule)
+        assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_custom_timesteps_refused_by_a_scheduler_without_them(pipe, small):
+    with pytest.raises(ValueError, match="custom"):
+        pipe(visual_token_ids=[torch.arange(30)], timesteps=[999, 500], **small)
+
+
+@pytest.mark.parametrize("callback_cls", [SDCFGCutoffCallback, SDXLCFGCutoffCallback])
+@pytest.mark.parametrize("variant", ["highres", "lowres"])
+def test_diffusers_cfg_cutoff_callbacks(callback_cls, variant, pipe, converted_lowres_dir, small):
+    """Guidance off from step 1: the same as guidance on for step 0 only (negatives cut away by the callback)."""
+    if variant == "lowres":
+        pipe = LavitText2ImagePipeline.from_pretrained(converted_lowres_dir)
+        pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(visual_token_ids=[torch.arange(30)], latents=latents, output_type="latent", **small)
+    cut = pipe(callback_on_step_end=callback_cls(cutoff_step_ratio=None, cutoff_step_index=0), **kwargs).images
+    assert pipe.guidance_scale == 0.0
+
+    def switch_off(pipeline, step, timestep, tensors):
+        pipeline._guidance_scale = 0.0
+        return {}
+
+    assert torch.allclose(cut, pipe(callback_on_step_end=switch_off, callback_on_step_end_tensor_inputs=[], **kwargs).images,
+                          atol=1e-6)
+    assert not torch.allclose(cut, pipe(**kwargs).images)
+
+
+def test_callback_sees_every_tensor_input(pipe, small):
+    """diffusers' generic test: every name in `_callback_tensor_inputs` reaches the callback."""
+    seen = {}
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.update({k: tuple(v.shape) for k, v in tensors.items()})
+        return tensors
+
+    pipe(visual_token_ids=[torch.arange(30)], callback_on_step_end=callback,
+         callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs, **small)
+    queries, width = pipe.pixel_decoder.config.num_queries, pipe.unet.config.cross_attention_dim
+    assert seen == {"latents": (1, 4, 8, 8), "prompt_embeds": (2, queries, width), "add_text_embeds": (2, 48),
+                    "add_time_ids": (2, 6)}
 
 
 def test_encode_visual_tokens_composes_with_sdxl_pipeline(pipe, small):
     codes = [torch.arange(5, 60)]
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = pipe(visual_token_ids=codes, latents=latents, guidance_scale=7.0, output_type="np", **small).images
-    cond = pipe.encode_visual_tokens(codes)
-    sdxl = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=pipe.unet, scheduler=pipe.scheduler)
-    sdxl.set_progress_bar_config(disable=True)
-    theirs = sdxl(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
-                  negative_prompt_embeds=cond.negative_prompt_embeds,
-                  negative_pooled_prompt_embeds=cond.negative_pooled_prompt_embeds,
-                  latents=latents, guidance_scale=7.0, output_type="np", **small).images
+    theirs = run_sdxl(sdxl_from(pipe, pipe.scheduler), pipe.encode_visual_tokens(codes), latents, guidance_scale=7.0,
+                      output_type="np", **small)
     assert np.abs(ours - theirs).max() < 1e-5
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from lavit_pipelines import LavitUnderstandingPipeline, LavitUnderstandingPipelineOutput
@@ -195,17 +196,18 @@ def test_beam_search_and_multiple_returns(pipe, pixel_values):
     assert len(captions) == 1 and "." not in captions[0] and captions[0] == captions[0].strip()
 
 
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.tokens, self.ended = [], False
+
+    def put(self, value):
+        self.tokens.append(value.reshape(-1))
+
+    def end(self):
+        self.ended = True
+
+
 def test_streamer_receives_the_generated_tokens(pipe, pixel_values):
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.tokens, self.ended = [], False
-
-        def put(self, value):
-            self.tokens.append(value.reshape(-1))
-
-        def end(self):
-            self.ended = True
-
     streamer = Collect()
     out = pipe(pixel_values[:1], max_new_tokens=5, min_new_tokens=5, streamer=streamer)
     assert streamer.ended
@@ -228,6 +230,57 @@ def test_answer_prompt_and_defaults(pipe, pixel_values, monkeypatch):
     assert len(answers) == 2 and all("," not in a and "." not in a for a in answers)
     pipe.answer(pixel_values, "What is it?")
     assert seen["prompt"] == "Question: What is it? Answer:"
+
+
+def test_max_new_tokens_alone_clamps_the_minimum(pipe, pixel_values):
+    assert pipe(pixel_values[:1], max_new_tokens=5).sequences.shape == (1, 5)
+    assert len(pipe.caption(pixel_values[:1], max_new_tokens=3)) == 1
+
+
+def test_one_generator_per_image(pipe, pixel_values):
+    def generators():
+        return [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+
+    features = pipe.encode_images(pixel_values, generators())
+    for row, (image, generator) in enumerate(zip(pixel_values, generators())):
+        torch.testing.assert_close(features[row], pipe.encode_images(image[None], generator)[0])
+    first = pipe(pixel_values, max_new_tokens=4, generator=generators()).sequences
+    assert torch.equal(first, pipe(pixel_values, max_new_tokens=4, generator=generators()).sequences)
+
+
+def test_caption_with_streamer_is_greedy(pipe, pixel_values):
+    streamer = Collect()
+    caption = pipe.caption(pixel_values[:1], max_new_tokens=4, streamer=streamer, generator=torch.Generator().manual_seed(0))
+    assert streamer.ended
+    expected = pipe(pixel_values[:1], max_new_tokens=4, generator=torch.Generator().manual_seed(0)).text[0]
+    assert caption[0] == expected.split(".")[0]
+
+
+def has_repeats(row) -> bool:
+    return len(set(row.tolist())) < len(row)
+
+
+def test_generate_arguments_pass_through(pipe, pixel_values):
+    def run(**kwargs):
+        return pipe(pixel_values[:1], max_new_tokens=12, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    baseline = run().sequences
+    assert has_repeats(baseline[0])  # so that the next check can fail
+    assert not has_repeats(run(no_repeat_ngram_size=1).sequences[0])
+    stop = pipe.tokenizer.convert_ids_to_tokens(int(baseline[0, 3])).lstrip("▁")
+    stopped = run(stop_strings=[stop])
+    assert stopped.sequences.shape[1] < 12 and stopped.text[0].endswith(stop)
+
+
+def test_generation_config_sets_what_the_call_does_not(pipe, pixel_values):
+    def run(**kwargs):
+        return pipe(pixel_values, generator=torch.Generator().manual_seed(0), **kwargs).sequences
+
+    config = GenerationConfig(max_new_tokens=3, num_beams=2, no_repeat_ngram_size=1)
+    out = run(generation_config=config)
+    assert out.shape[1] == 3  # the config's max_new_tokens (min clamped to it)
+    assert torch.equal(out, run(max_new_tokens=3, num_beams=2, no_repeat_ngram_size=1))
+    assert run(generation_config=config, max_new_tokens=5).shape[1] == 5  # the call wins
 
 
 # ------------------------------------------------------------------ post-processing
@@ -293,6 +346,8 @@ def test_lemmatize_without_spacy_fails_before_models(pipe, pixel_values, monkeyp
         (dict(do_sample=True, top_k=-1), ValueError, "top_k"),
         (dict(repetition_penalty=0), ValueError, "repetition_penalty"),
         (dict(generator=0), TypeError, "generator"),
+        (dict(generator=[torch.Generator()]), ValueError, "generator"),
+        (dict(inputs_embeds=torch.zeros(1, 1, 4)), TypeError, "inputs_embeds"),
         (dict(num_beams=2, streamer=BaseStreamer()), ValueError, "streamer"),
     ],
 )

@@ -2,6 +2,7 @@
 
 Without `--model`, a tiny LaVIT with random weights is built in code (cached after the first run): it
 draws noise and is there to try the machinery. Real images need the converted release checkpoint.
+Only argparse runs before a command: torch, diffusers and transformers are imported by the command itself.
 """
 
 import argparse
@@ -18,6 +19,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (the option's help says what happens without it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """A bad argument: reported in one line, exit code 2, nothing written."""
 
@@ -30,6 +38,8 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded tiny model)")
     common.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
@@ -37,40 +47,46 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
     common.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same output)")
 
-    parser = argparse.ArgumentParser(prog="lavit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lavit", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", parents=[common], help="text (+ image) prompt -> image")
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    gen = add_command("generate", parents=[common], help="text (+ image) prompt -> image")
     gen.add_argument("prompt", nargs="?", help="the prompt; put <image> where each --image goes")
-    gen.add_argument("--output", help="output image file (.png, .jpg, .webp)")
+    gen.add_argument("--output", help="output image file (.png, .jpg, .webp); with --num-images N > 1 the files are "
+                     "NAME-0.png ... NAME-{N-1}.png")
     gen.add_argument("--prompts", help="text file, one prompt per line (with --output-dir; shards across processes)")
     gen.add_argument("--output-dir", help="folder for --prompts outputs (00000.png, ...)")
     gen.add_argument("--image", nargs="+", default=[], help="prompt images, in the order of the <image> placeholders")
-    gen.add_argument("--height", type=positive_int)
-    gen.add_argument("--width", type=positive_int)
+    gen.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default: the model's native size)")
+    gen.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default: the model's native size)")
     gen.add_argument("--aspect-ratio", help="one of LaVIT's sizes: 1:1, 4:3, 3:2, 16:9, 2:3, 3:4")
     gen.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
     gen.add_argument("--guidance-scale", type=float, default=7.0, help="decoder guidance")
     gen.add_argument("--llm-guidance-scale", type=float, help="visual-token guidance (default 4.0, 5.0 with images)")
-    gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
 
-    cap = commands.add_parser("caption", parents=[common], help="image -> caption")
-    cap.add_argument("image")
-    ask = commands.add_parser("ask", parents=[common], help="image + question -> answer")
-    ask.add_argument("image")
+    cap = add_command("caption", parents=[common], help="images -> one caption per line, in order")
+    cap.add_argument("image", nargs="+", help="image files, captioned in one batch")
+    ask = add_command("ask", parents=[common], help="image + question -> answer")
+    ask.add_argument("image", help="image file")
     ask.add_argument("question")
-    rec = commands.add_parser("reconstruct", parents=[common], help="image -> visual tokens -> image")
-    rec.add_argument("image")
-    rec.add_argument("--output", required=True)
-    rec.add_argument("--steps", type=positive_int, default=50)
+    rec = add_command("reconstruct", parents=[common], help="image -> visual tokens -> image")
+    rec.add_argument("image", help="image file")
+    rec.add_argument("--output", required=True, help="output image file (.png, .jpg, .webp)")
+    rec.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
 
-    conv = commands.add_parser("convert", help="release checkpoint (folder or Hub id) -> converted folder")
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--pixel-decoder", choices=("highres", "lowres"), default="highres")
-    conv.add_argument("--dtype", choices=DTYPES)
-    conv.add_argument("--overwrite", action="store_true")
+    conv = add_command("convert", help="release checkpoint (folder or Hub id) -> converted folder")
+    conv.add_argument("src", help="release folder or Hub id (rain1011/LaVIT-7B-v2)")
+    conv.add_argument("dst", help="folder to write")
+    conv.add_argument("--pixel-decoder", choices=("highres", "lowres"), default="highres",
+                      help="SDXL (1024²) or SD-1.5 (512²) decoder")
+    conv.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
     return parser
 
@@ -276,7 +292,7 @@ def run_generate(args) -> None:
 
     if args.prompts:
         return run_generate_many(args)
-    pipe = load_pipeline(LavitText2ImagePipeline, args, load_visual_tokenizer=bool(args.image))
+    pipe = load_pipeline(LavitText2ImagePipeline, args, **({} if args.image else {"visual_tokenizer": None}))
     out = pipe(
         args.prompt, image=args.image or None, num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed), **generation_kwargs(args),
@@ -314,11 +330,13 @@ def run_understanding(args) -> None:
 
     from .pipelines.understanding import LavitUnderstandingPipeline
 
-    check_image_file(args.image, "IMAGE")
+    images = args.image if args.command == "caption" else [args.image]
+    for path in images:
+        check_image_file(path, "IMAGE")
     pipe = load_pipeline(LavitUnderstandingPipeline, args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "caption":
-        print(pipe.caption(args.image, generator=generator)[0])
+        print("\n".join(pipe.caption(images, generator=generator)))
     else:
         print(pipe.answer(args.image, args.question, generator=generator)[0])
 
@@ -330,7 +348,7 @@ def run_reconstruct(args) -> None:
 
     check_image_file(args.image, "IMAGE")
     output = check_output(args.output)
-    pipe = load_pipeline(LavitText2ImagePipeline, args, load_visual_tokenizer=True)
+    pipe = load_pipeline(LavitText2ImagePipeline, args)
     out = pipe.reconstruct(args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
     save_image(out.images[0], output)
     print(output)

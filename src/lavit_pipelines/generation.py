@@ -21,12 +21,9 @@ Speed knobs (all keep the sampled tokens and the random-number consumption uncha
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import weakref
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList, StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -129,46 +126,6 @@ def _can_rewind(generator, device: torch.device) -> bool:
 # ---------------------------------------------------------------------- forward
 
 
-WEIGHT_STATIONARY_MAX_ROWS = 8
-
-
-def _weight_stationary_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` as `(weight @ x.T).T + bias` when x has at most `WEIGHT_STATIONARY_MAX_ROWS` rows."""
-    if x.numel() > WEIGHT_STATIONARY_MAX_ROWS * x.shape[-1]:
-        return F.linear(x, module.weight, module.bias)
-    # Both layouts matter: a contiguous x (so x.T is MKL's column-major operand) and a contiguous result.
-    out = (module.weight @ x.reshape(-1, x.shape[-1]).contiguous().T).T.contiguous()
-    if module.bias is not None:
-        out = out + module.bias
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@contextlib.contextmanager
-def _cpu_weight_stationary_linears(model, enabled: bool):
-    """While active, the model's float32 CPU `nn.Linear`s (those without hooks that replace `forward`, such as
-    accelerate's offload hooks) compute a few-row input as `(weight @ x.T).T`, not MKL's `x @ weight.T`.
-
-    For 2-8 rows (cond + uncond at one position per decoding step) MKL's `x @ weight.T` reads the weight at a
-    fraction of the memory bandwidth that the weight-stationary product reaches: on the benchmark machine ~1.5x
-    slower for 2 rows of LLaMA's projections and 2-3x for LaVIT's (48386, D) output projection. Same products,
-    summed in another order (fp32 rounding only). The modules are restored on exit.
-    """
-    patched = []
-    if enabled:
-        for module in model.modules():
-            if (
-                type(module) is torch.nn.Linear and "forward" not in vars(module) and not hasattr(module, "_hf_hook")
-                and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
-            ):
-                module.forward = functools.partial(_weight_stationary_linear, module)
-                patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-
-
 def execution_device(model) -> torch.device:
     """Where the model computes: `model.device`, or with accelerate's offload hooks (weights on the meta device)
     the hooks' execution device."""
@@ -260,7 +217,6 @@ def sample_visual_tokens(
         cache, step_fn = DynamicCache(config=model.config), _last_logits
 
     vocab_size = model.config.vocab_size
-    cpu_linear = device.type == "cpu" and not compile
     early_mask, late_mask = suppression_masks(vocab_size, suppress_ids, eos_token_id, device)
     warpers = logits_warpers(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     interval = stop_check_interval or (1 if device.type == "cpu" else 8)
@@ -272,36 +228,35 @@ def sample_visual_tokens(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     states: dict[int, object] = {}  # step -> random state after that step's draw, since the last check
     produced, reported = max_new_tokens, 0
-    with _cpu_weight_stationary_linears(model, cpu_linear):
-        for step in range(max_new_tokens):
-            forward = _last_logits if step == 0 else step_fn  # the prefill is never compiled
-            scores = guided_scores(forward(model, ids, mask, positions, cache).float(), guidance_scale)
-            scores = scores.masked_fill(early_mask if step < min_new_tokens else late_mask, -float("inf"))
-            scores = warpers(generated[:, :step], scores)
-            next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)
-            generated[:, step] = next_ids
-            unfinished &= next_ids != eos_token_id
-            if rewind and step >= min_new_tokens:
-                states[step] = _rng_state(generator, device)
-            last = step == max_new_tokens - 1
-            checked = last or (step >= min_new_tokens and (step - min_new_tokens + 1) % interval == 0)
-            if checked:
-                if not unfinished.any():
-                    # The step at which the last row emitted eos: the later steps (pads only) do not count.
-                    finished_at = int((generated[:, : step + 1] == eos_token_id).int().argmax(dim=1).max())
-                    produced = finished_at + 1
-                    if rewind and finished_at < step:
-                        _set_rng_state(generator, device, states[finished_at])
-                states.clear()
-            if progress_bar is not None and (checked or step < min_new_tokens):  # steps that can no longer be dropped
-                progress_bar.update(min(step + 1, produced) - reported)
-                reported = min(step + 1, produced)
-            if last or produced <= step + 1:
-                break
-            ids = next_ids.repeat(2 if guided else 1)[:, None]
-            if cache_implementation == "static":
-                mask[:, prompt_length + step] = 1
-            else:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        forward = _last_logits if step == 0 else step_fn  # the prefill is never compiled
+        scores = guided_scores(forward(model, ids, mask, positions, cache).float(), guidance_scale)
+        scores = scores.masked_fill(early_mask if step < min_new_tokens else late_mask, -float("inf"))
+        scores = warpers(generated[:, :step], scores)
+        next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)
+        generated[:, step] = next_ids
+        unfinished &= next_ids != eos_token_id
+        if rewind and step >= min_new_tokens:
+            states[step] = _rng_state(generator, device)
+        last = step == max_new_tokens - 1
+        checked = last or (step >= min_new_tokens and (step - min_new_tokens + 1) % interval == 0)
+        if checked:
+            if not unfinished.any():
+                # The step at which the last row emitted eos: the later steps (pads only) do not count.
+                finished_at = int((generated[:, : step + 1] == eos_token_id).int().argmax(dim=1).max())
+                produced = finished_at + 1
+                if rewind and finished_at < step:
+                    _set_rng_state(generator, device, states[finished_at])
+            states.clear()
+        if progress_bar is not None and (checked or step < min_new_tokens):  # steps that can no longer be dropped
+            progress_bar.update(min(step + 1, produced) - reported)
+            reported = min(step + 1, produced)
+        if last or produced <= step + 1:
+            break
+        ids = next_ids.repeat(2 if guided else 1)[:, None]
+        if cache_implementation == "static":
+            mask[:, prompt_length + step] = 1
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
     return generated[:, :produced]

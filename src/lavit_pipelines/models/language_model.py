@@ -3,7 +3,9 @@
 The released language model is a plain ``LlamaForCausalLM`` whose vocabulary (48386) is the 32000
 text pieces, ``[IMG]`` (32000), ``[/IMG]`` (32001) and one id per visual code (32002 ... 48385).
 ``LavitForCausalLM`` keeps the LLaMA body and state-dict keys unchanged, so the release's shards
-load as they are, and records the LaVIT ids in its config.
+load as they are. Its config is a stock LLaMA config (``model_type: "llama"``, architecture
+``LlamaForCausalLM``) that carries the LaVIT ids as extra fields: a saved ``language_model/`` folder loads
+with ``AutoModelForCausalLM.from_pretrained`` without this package, and with LLaMA tooling.
 """
 
 from __future__ import annotations
@@ -11,14 +13,10 @@ from __future__ import annotations
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,  # noqa: F401  (diffusers resolves loader base classes in this module's namespace)
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 __all__ = ["LavitConfig", "LavitForCausalLM", "PreTrainedModel"]
 
@@ -27,9 +25,11 @@ __all__ = ["LavitConfig", "LavitForCausalLM", "PreTrainedModel"]
 class LavitConfig(LlamaConfig):
     r"""Configuration of [`LavitForCausalLM`]: a [`~transformers.LlamaConfig`] plus LaVIT's token ids.
 
-    The defaults describe LaVIT-7B (LLaMA-2-7B with a 48386-entry vocabulary).
+    The defaults describe LaVIT-7B (LLaMA-2-7B with a 48386-entry vocabulary). Saved, it is a LLaMA config
+    (`model_type` "llama", architecture `LlamaForCausalLM`) whose extra fields stock transformers keeps.
+    Folders converted before, with `model_type` "lavit", still load with [`LavitForCausalLM`].
 
-    Args:
+    Attributes:
         image_start_token_id (`int`, defaults to 32000): id of ``[IMG]``, which opens an image.
         image_end_token_id (`int`, defaults to 32001): id of ``[/IMG]``, which closes an image.
         visual_token_offset (`int`, defaults to 32002): id of visual code 0; code ``c`` is token
@@ -37,7 +37,7 @@ class LavitConfig(LlamaConfig):
         visual_vocab_size (`int`, defaults to 16384): number of visual codes.
     """
 
-    model_type = "lavit"
+    model_type = "llama"
 
     vocab_size: int = 48386
     rms_norm_eps: float = 1e-5
@@ -47,9 +47,12 @@ class LavitConfig(LlamaConfig):
     visual_vocab_size: int = 16384
 
     def __post_init__(self, **kwargs):
-        # A release `config.json` says "llama"; this config is always "lavit" (the class attribute).
-        kwargs.pop("model_type", None)
+        kwargs.pop("model_type", None)  # "llama", or "lavit" in folders converted before
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """LLaMA's config dict: the weights are a stock `LlamaForCausalLM`'s, whichever class saves them."""
+        return {**super().to_dict(), "architectures": ["LlamaForCausalLM"]}
 
     def validate_visual_vocabulary(self):
         """Part of `@strict` validation: the LaVIT ids must lie inside the vocabulary."""
@@ -108,13 +111,3 @@ class LavitForCausalLM(LlamaForCausalLM):
     def token_ids_to_codes(self, token_ids: torch.Tensor) -> torch.Tensor:
         """LLM token ids → visual codebook indices, keeping only the visual ids (order preserved, 1-D result)."""
         return token_ids[self.is_visual_token(token_ids)] - self.config.visual_token_offset
-
-
-def _register() -> None:
-    if LavitConfig.model_type not in CONFIG_MAPPING:
-        AutoConfig.register(LavitConfig.model_type, LavitConfig, exist_ok=True)
-    if LavitConfig not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        AutoModelForCausalLM.register(LavitConfig, LavitForCausalLM, exist_ok=True)
-
-
-_register()

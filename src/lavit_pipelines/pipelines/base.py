@@ -279,3 +279,10 @@ class LavitPipelineMixin:
                 repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload LaVIT pipeline",
                 create_pr=create_pr,
             )
+
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+        """diffusers' progress bar, labelled `desc` unless `set_progress_bar_config` gave a label."""
+        bar = super().progress_bar(iterable=iterable, total=total)
+        if desc and "desc" not in getattr(self, "_progress_bar_config", {}):
+            bar.set_description_str(desc, refresh=False)
+        return bar

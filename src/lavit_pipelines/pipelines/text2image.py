@@ -1,16 +1,22 @@
 """LavitText2ImagePipeline: text (and image) prompts -> LaVIT visual tokens -> pixel decoder -> UNet -> VAE."""
 
 import inspect
+import os
 from typing import Callable
 
+import numpy as np
+import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..generation import sample_visual_tokens
 from ..image_processor import LavitImageProcessor
@@ -25,9 +31,11 @@ logger = logging.get_logger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 NO_VISUAL_TOKENIZER = (
-    "`image` needs the visual tokenizer: load the pipeline with `load_visual_tokenizer=True` or pass `visual_tokenizer=`."
+    "`image` needs the visual tokenizer: this pipeline was loaded with `visual_tokenizer=None`; load it without that "
+    "argument or pass `visual_tokenizer=`."
 )
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ImageInput = PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list
 # LaVIT's default decoder sizes (height, width) per aspect ratio.
 ASPECT_RATIO_SIZES = {
     "1:1": (1024, 1024), "4:3": (896, 1152), "3:2": (832, 1216), "16:9": (768, 1344), "2:3": (1216, 832), "3:4": (1152, 896)
@@ -42,9 +50,11 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", torch_dtype=torch.bfloat16).to("cuda")
         >>> image = pipe("a sculpture of a duck made of wool").images[0]
 
-        >>> # image prompts: load the visual tokenizer and put <image> where each image goes
-        >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", load_visual_tokenizer=True)
+        >>> # image prompts: put <image> where each image goes
         >>> image = pipe("<image> it is running in the snow", image=dog).images[0]
+
+        >>> # text prompts only: skip the visual tokenizer (3.6 GB less in bf16)
+        >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", visual_tokenizer=None)
         ```
 """
 
@@ -60,7 +70,7 @@ def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_ima
             )
 
 
-class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
+class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image (and image+text-to-image) generation with LaVIT.
 
     The language model samples visual tokens after `[IMG]` with classifier-free guidance against the bare
@@ -68,15 +78,21 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     SD-1.5 for the low-res one); the UNet denoises with guidance against the decoder's negative condition.
 
     Args:
-        tokenizer: LaVIT's LLaMA tokenizer. language_model: [`LavitForCausalLM`].
-        pixel_decoder: [`LavitPixelDecoder`]. unet, vae, scheduler: the diffusion decoder.
-        visual_tokenizer: [`LavitVisualTokenizer`], needed only for image prompts and `reconstruct`.
-        safety_checker, feature_extractor: optional Stable Diffusion safety checker and its processor.
+        tokenizer: LaVIT's LLaMA tokenizer.
+        language_model: [`LavitForCausalLM`].
+        pixel_decoder: [`LavitPixelDecoder`].
+        unet: the diffusion decoder's UNet (SDXL's or SD-1.5's layout).
+        vae: the diffusion decoder's VAE.
+        scheduler: the diffusion decoder's scheduler (DDIM, as the original; any diffusers scheduler works).
+        visual_tokenizer: [`LavitVisualTokenizer`], needed only for image prompts and `reconstruct`; skip it
+            with `from_pretrained(..., visual_tokenizer=None)` (saves 3.6 GB in bf16).
+        safety_checker: optional Stable Diffusion safety checker.
+        feature_extractor: the safety checker's image processor.
     """
 
     model_cpu_offload_seq = "visual_tokenizer->language_model->pixel_decoder->unet->vae"
     _optional_components = ["visual_tokenizer", "safety_checker", "feature_extractor"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]  # SDXL's names
 
     def __init__(
         self,
@@ -87,8 +103,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,
         visual_tokenizer: LavitVisualTokenizer | None = None,
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: BaseImageProcessor | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -128,14 +144,6 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 f"`unet` expects conditioning of width {self.unet.config.cross_attention_dim} but `pixel_decoder` "
                 f"gives {width}."
             )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, load_visual_tokenizer: bool = False, **kwargs):
-        """diffusers' `from_pretrained`; the visual tokenizer (only needed for image prompts and
-        `reconstruct`) is loaded only with `load_visual_tokenizer=True` or when passed in."""
-        if not load_visual_tokenizer:
-            kwargs.setdefault("visual_tokenizer", None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def guidance_scale(self) -> float:
@@ -225,6 +233,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+
+    def check_schedule(self, timesteps, sigmas) -> None:
+        """ValueError unless at most one of `timesteps` and `sigmas` is given, and the scheduler takes it."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`.")
+        for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(f"`{name}`: {type(self.scheduler).__name__} does not take custom {name}.")
 
     def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
         if llm_guidance_scale is not None:
@@ -325,7 +341,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         encoded = self.encode_prompt(prompts, images, max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
         config = self.language_model.config
-        with self.progress_bar(total=max_new_tokens) as progress:
+        with self.progress_bar(total=max_new_tokens, desc="visual tokens") as progress:
             generated = sample_visual_tokens(
                 self.language_model,
                 rows,
@@ -345,6 +361,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
                 cache_implementation=cache_implementation,
                 compile=compile,
             )
+            progress.total = progress.n  # the images ended after this many tokens: the bar ends full
         codes = [self.language_model.token_ids_to_codes(row) for row in generated]
         check_generated_codes(prompts, codes, num_images_per_prompt)
         return codes
@@ -357,26 +374,50 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         `StableDiffusionXLPipeline` built from this pipeline's `unet`, `vae` and `scheduler`."""
         return self.pixel_decoder(visual_token_ids)
 
-    def _unet_conditioning(self, decoded: LavitPixelDecoderOutput, height: int, width: int) -> tuple[torch.Tensor, dict]:
-        """Encoder hidden states and the UNet's extra kwargs; under CFG the negatives come first."""
+    def prepare_conditioning(self, decoded: LavitPixelDecoderOutput, height: int, width: int) -> dict[str, torch.Tensor]:
+        """SDXL's denoising conditioning, negatives first under guidance: `prompt_embeds` (2B, Q, D),
+        `add_text_embeds` (2B, pooled) and `add_time_ids` (2B, 6); without guidance B rows. The low-res decoder
+        has no added conditioning (those two are (rows, 0) and unused) but attention masks, `prompt_attention_mask`
+        (rows, Q)."""
         dtype = self.unet.dtype
 
         def both(positive, negative):
             return torch.cat([negative, positive]) if self.do_classifier_free_guidance else positive
 
-        hidden = both(decoded.prompt_embeds, decoded.negative_prompt_embeds).to(dtype)
-        kwargs = {}
+        prompt_embeds = both(decoded.prompt_embeds, decoded.negative_prompt_embeds).to(dtype)
+        rows, device = len(prompt_embeds), prompt_embeds.device
+        conditioning = {
+            "prompt_embeds": prompt_embeds,
+            "add_text_embeds": torch.zeros(rows, 0, dtype=dtype, device=device),
+            "add_time_ids": torch.zeros(rows, 0, dtype=dtype, device=device),
+        }
         if decoded.pooled_prompt_embeds is not None:
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=hidden.device)
-            time_ids = time_ids.repeat(len(decoded.prompt_embeds), 1)
-            pooled = both(decoded.pooled_prompt_embeds, decoded.negative_pooled_prompt_embeds).to(dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": both(time_ids, time_ids)}
+            pooled = both(decoded.pooled_prompt_embeds, decoded.negative_pooled_prompt_embeds)
+            conditioning["add_text_embeds"] = pooled.to(dtype)
+            conditioning["add_time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(rows, 1)
         if decoded.prompt_attention_mask is not None:
-            kwargs["encoder_attention_mask"] = both(decoded.prompt_attention_mask, decoded.negative_prompt_attention_mask)
-        return hidden, kwargs
+            conditioning["prompt_attention_mask"] = both(decoded.prompt_attention_mask, decoded.negative_prompt_attention_mask)
+        return conditioning
+
+    def unet_inputs(self, conditioning: dict[str, torch.Tensor], guided: bool, batch_size: int) -> dict:
+        """The UNet's conditioning keyword arguments for one step. Without guidance only the positive half of
+        each tensor is used: a callback may have switched guidance off without cutting the negatives away."""
+
+        def rows(tensor):
+            return tensor[batch_size:] if not guided and len(tensor) == 2 * batch_size else tensor
+
+        kwargs = {"encoder_hidden_states": rows(conditioning["prompt_embeds"])}
+        if self.unet.config.addition_embed_type == "text_time":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": rows(conditioning["add_text_embeds"]), "time_ids": rows(conditioning["add_time_ids"])
+            }
+        if "prompt_attention_mask" in conditioning:
+            kwargs["encoder_attention_mask"] = rows(conditioning["prompt_attention_mask"])
+        return kwargs
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
-        """Initial noise (B, C, h/f, w/f), scaled by the scheduler's `init_noise_sigma`."""
+        """Initial noise (B, C, h/f, w/f), scaled by the scheduler's `init_noise_sigma` (call after setting the
+        timesteps: for schedulers such as Euler the sigma depends on them)."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -386,30 +427,29 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         accepted = inspect.signature(self.scheduler.step).parameters
         return {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
 
-    def denoise(self, latents, prompt_embeds, unet_kwargs, num_inference_steps, generator, eta, callback, callback_inputs):
-        """The UNet loop with classifier-free guidance against the decoder's negative condition."""
-        device = latents.device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+    def denoise(self, latents, conditioning, timesteps, generator, eta, callback, callback_inputs):
+        """The UNet loop with classifier-free guidance against the decoder's negative condition. Guidance is
+        re-read every step, and callbacks may replace `latents` and the conditioning tensors (SDXL's names)."""
         self._num_timesteps = len(timesteps)
         step_kwargs = self._step_kwargs(generator, eta)
-        guided = self.do_classifier_free_guidance  # fixed for the loop; callbacks may change the scale itself
-        with self.progress_bar(total=len(timesteps)) as progress:
+        with self.progress_bar(total=len(timesteps), desc="denoising") as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                guided = self.do_classifier_free_guidance
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, **unet_kwargs, return_dict=False)[0]
+                unet_kwargs = self.unet_inputs(conditioning, guided, len(latents))
+                noise = self.unet(model_input, t, **unet_kwargs, return_dict=False)[0]
                 if guided:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + self.guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors = {"latents": latents, **conditioning}
                     outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs})
                     latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    conditioning.update({k: v for k, v in outputs.items() if k in self._callback_tensor_inputs})
                 progress.update()
         return latents
 
@@ -437,11 +477,13 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        image=None,
+        image: ImageInput | None = None,
         visual_token_ids: list[torch.Tensor] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.0,
         llm_guidance_scale: float | None = None,
         do_sample: bool = True,
@@ -459,7 +501,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         llm_decoding_kwargs: dict | None = None,
-    ):
+    ) -> LavitText2ImagePipelineOutput | tuple:
         r"""Generate images from prompts, or decode given visual tokens.
 
         Args:
@@ -467,26 +509,43 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             image: the prompt images (PIL, paths, or a preprocessed (N, 3, 224, 224) tensor); a list per prompt
                 when `prompt` is a list.
             visual_token_ids: per image a LongTensor of codebook indices; skips the language model.
-            height, width: output size, multiples of the VAE factor; default the UNet's native size
-                (1024 for the high-res decoder, 512 for the low-res one). LaVIT's aspect ratios:
-                `ASPECT_RATIO_SIZES`.
-            num_inference_steps, guidance_scale: denoising steps and decoder guidance (off when <= 1).
+            height: output height, a multiple of the VAE factor; default the UNet's native size (1024 for the
+                high-res decoder, 512 for the low-res one). LaVIT's aspect ratios: `ASPECT_RATIO_SIZES`.
+            width: output width, as `height`.
+            num_inference_steps: denoising steps.
+            timesteps: custom denoising timesteps, for schedulers whose `set_timesteps` takes them (overrides
+                `num_inference_steps`).
+            sigmas: custom sigmas, for schedulers whose `set_timesteps` takes them (overrides
+                `num_inference_steps`).
+            guidance_scale: decoder guidance against the pixel decoder's negative condition (off when <= 1).
             llm_guidance_scale: guidance of the visual-token sampling; default 4.0 (5.0 with image prompts).
-            do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens: visual-token sampling.
+            do_sample: sample the visual tokens (False: greedy).
+            top_k: visual-token top-k (0: off).
+            top_p: visual-token nucleus threshold (1.0: off).
+            temperature: visual-token softmax temperature.
+            min_new_tokens: fewest visual tokens before `[/IMG]` may end the image.
+            max_new_tokens: most visual tokens per image.
             num_images_per_prompt: images per prompt (each with its own visual tokens).
             generator: a `torch.Generator` (or one per image) for the tokens and the initial noise.
             latents: initial noise (B, C, height/8, width/8).
-            eta: DDIM eta. output_type: "pil", "np", "pt" or "latent". return_dict: return the output class.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: called after every denoising step with
-                the named tensors (`latents`, `prompt_embeds`); returned tensors replace them.
+            eta: DDIM's eta (schedulers that take it).
+            output_type: "pil", "np", "pt" or "latent".
+            return_dict: return the output class instead of a tuple.
+            callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, tensors)`
+                (or a diffusers `PipelineCallback`); the tensors it returns replace the pipeline's.
+            callback_on_step_end_tensor_inputs: the tensors the callback receives, from
+                `_callback_tensor_inputs`: `latents`, `prompt_embeds`, `add_text_embeds`, `add_time_ids` (SDXL's
+                names; under guidance the negative rows come first).
             llm_decoding_kwargs: passed to `generate_visual_tokens`: `cache_implementation` ("dynamic" or
                 "static") and `compile`.
 
         Examples:
 
         Returns:
-            [`LavitText2ImagePipelineOutput`] (or a tuple `(images, visual_token_ids)`).
+            The images and their visual tokens: a `LavitText2ImagePipelineOutput`, or the tuple
+                `(images, visual_token_ids)` with `return_dict=False`.
         """
+        self.check_schedule(timesteps, sigmas)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor
@@ -507,19 +566,19 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
             )
         else:
             visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]
-        decoded = self.encode_visual_tokens(visual_token_ids)
-        prompt_embeds, unet_kwargs = self._unet_conditioning(decoded, height, width)
-        latents = self.prepare_latents(len(visual_token_ids), height, width, prompt_embeds.dtype, device, generator, latents)
+        conditioning = self.prepare_conditioning(self.encode_visual_tokens(visual_token_ids), height, width)
+        dtype = conditioning["prompt_embeds"].dtype
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        latents = self.prepare_latents(len(visual_token_ids), height, width, dtype, device, generator, latents)
         latents = self.denoise(
-            latents, prompt_embeds, unet_kwargs, num_inference_steps, generator, eta,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            latents, conditioning, timesteps, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
         nsfw = None
         if output_type == "latent":
             images = latents
         else:
-            images, nsfw = self.run_safety_checker(self.decode_latents(latents), prompt_embeds.dtype)
+            images, nsfw = self.run_safety_checker(self.decode_latents(latents), dtype)
             denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
             images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
         self.maybe_free_model_hooks()

@@ -1,11 +1,13 @@
 """LavitUnderstandingPipeline: images (+ text) -> LaVIT's stage-2 visual features -> LLaMA -> text."""
 
 import contextlib
+import copy
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import replace_example_docstring
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from ..generation import left_pad
@@ -13,10 +15,21 @@ from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
+from .text2image import ImageInput
 from .outputs import LavitUnderstandingPipelineOutput
 from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
 
 VQA_PROMPT = "Question: {} Answer:"
+# The pipeline's generation settings when neither the call nor `generation_config` sets them.
+GENERATION_DEFAULTS = dict(
+    max_new_tokens=36, min_new_tokens=8, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
+    length_penalty=1.0, repetition_penalty=1.0, num_return_sequences=1, early_stopping=False,
+)
+# The original's caption and VQA settings.
+CAPTION_DEFAULTS = dict(num_beams=2, max_new_tokens=36, min_new_tokens=8)
+ANSWER_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=2, length_penalty=0.0, early_stopping=True)
+# `generate` arguments that the pipeline builds itself from the images and prompts.
+BUILT_INPUTS = ("inputs", "input_ids", "inputs_embeds", "attention_mask")
 # The original's post-processing of VQA answers: keep what comes before the first of these, in this order.
 ANSWER_CUTS = ("\n", "question:", "Long answer:", ",", ".")
 LEMMATIZER_HINT = "pip install spacy && python -m spacy download en_core_web_sm"
@@ -89,10 +102,22 @@ class _ProgressProcessor(LogitsProcessor):
         return scores
 
 
+def generation_settings(generation_config: GenerationConfig | None, defaults: dict, given: dict) -> dict:
+    """The value of each setting in `defaults`: the one `given` (not None), else the one `generation_config`
+    sets (differs from transformers' default), else the default."""
+    configured = generation_config.to_diff_dict() if generation_config is not None else {}
+    return {
+        name: given[name] if given.get(name) is not None else configured.get(name, default)
+        for name, default in defaults.items()
+    }
+
+
 @contextlib.contextmanager
-def _seeded_sampling(generator: torch.Generator | None, device: torch.device):
-    """`generate` samples from torch's global RNG: reseed it from a number drawn from `generator`, inside
-    `fork_rng` so the caller's global RNG state is left as it was. No-op without a generator."""
+def _seeded_sampling(generator: torch.Generator | list[torch.Generator] | None, device: torch.device):
+    """`generate` samples from torch's global RNG: reseed it from a number drawn from `generator` (the first
+    one of a list), inside `fork_rng` so the caller's global RNG state is left as it was. No-op without one."""
+    if isinstance(generator, list):
+        generator = generator[0]
     if generator is None:
         yield
         return
@@ -111,7 +136,8 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
     prompt, and generates text with the visual ids suppressed.
 
     Args:
-        tokenizer: LaVIT's LLaMA tokenizer. language_model: [`LavitForCausalLM`].
+        tokenizer: LaVIT's LLaMA tokenizer.
+        language_model: [`LavitForCausalLM`].
         visual_tokenizer: [`LavitVisualTokenizer`] (its `encode_features`).
     """
 
@@ -172,8 +198,11 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
         check_sampling(do_sample, top_k, top_p, temperature)
         check_float("length_penalty", length_penalty)
         check_float("repetition_penalty", repetition_penalty)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a single `torch.Generator`, got {type(generator).__name__}.")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}.")
+        if isinstance(generator, list) and len(generator) != self._num_images(image):
+            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({self._num_images(image)}).")
         check_image_items(list(image) if isinstance(image, (list, tuple)) else [image])
         if streamer is not None and num_beams > 1:
             raise ValueError("`streamer` cannot be used with beam search (`num_beams` > 1).")
@@ -193,7 +222,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
                 f"exceed the language model's {context}-token context; shorten the prompt or lower `max_new_tokens`."
             )
 
-    def encode_images(self, image, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def encode_images(self, image, generator: torch.Generator | list[torch.Generator] | None = None) -> list[torch.Tensor]:
         """Images (one call to the visual tokenizer for the whole batch) -> per image (n_i, llm_dim) features."""
         pixel_values = self.image_processor.preprocess(image)
         pixel_values = pixel_values.to(self._execution_device, self.visual_tokenizer.dtype)
@@ -246,75 +275,103 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        image,
+        image: ImageInput,
         prompt: str | list[str] | None = None,
-        max_new_tokens: int = 36,
-        min_new_tokens: int = 8,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        length_penalty: float = 1.0,
-        repetition_penalty: float = 1.0,
-        num_return_sequences: int = 1,
-        generator: torch.Generator | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        length_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        num_return_sequences: int | None = None,
+        early_stopping: bool | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         streamer: BaseStreamer | None = None,
         return_dict: bool = True,
-        early_stopping: bool = False,
         pad_prompt_before_image: bool = False,
-    ):
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs: Any,
+    ) -> LavitUnderstandingPipelineOutput | tuple:
         r"""Generate text about images.
+
+        Each generation setting below takes, in this order, the value passed here, the value `generation_config`
+        sets, or the pipeline's default (in parentheses).
 
         Args:
             image: a path, PIL image (any mode or size), uint8 array, a list of them, or a preprocessed
                 (B, 3, 224, 224) float tensor. The batch is tokenised in one call.
             prompt: text after each image: one string for all images, or one per image.
-            max_new_tokens, min_new_tokens: bounds on the generated length.
-            num_beams, do_sample, temperature, top_p, top_k, length_penalty, repetition_penalty,
-                num_return_sequences, early_stopping: transformers' generation settings.
-            generator: seeds the Gumbel patch selection directly and, when sampling, the text sampling (torch's
-                global RNG is reseeded from it inside `torch.random.fork_rng`, leaving the global state as it was).
+            max_new_tokens: most generated tokens (36).
+            min_new_tokens: fewest generated tokens (8, or `max_new_tokens` when that is smaller).
+            num_beams: beams of beam search (1: greedy or sampling).
+            do_sample: sample instead of picking the most likely tokens (False).
+            temperature: softmax temperature when sampling (1.0).
+            top_p: nucleus sampling threshold (1.0: off).
+            top_k: keep the k most likely tokens when sampling (50; 0: off).
+            length_penalty: beam-search length penalty exponent (1.0).
+            repetition_penalty: penalty on tokens already generated (1.0: off).
+            num_return_sequences: sequences returned per image (1).
+            early_stopping: stop beam search when `num_beams` candidates are finished (False).
+            generator: a `torch.Generator`, or one per image. It seeds the Gumbel patch selection and, when
+                sampling, the text sampling (torch's global RNG is reseeded from the first generator inside
+                `torch.random.fork_rng`, leaving the global state as it was).
             streamer: a transformers streamer that receives the generated ids (not with beam search).
             return_dict: return the output class instead of a tuple.
             pad_prompt_before_image: put a padded prompt's pads before the image (as the original's VQA) instead of
                 between image and text (as its captioning). With masked pads and mask-derived positions, both
                 layouts compute the same result up to float rounding.
+            generation_config: a transformers `GenerationConfig`; its other fields (`no_repeat_ngram_size`,
+                `bad_words_ids`, ...) apply too.
+            generate_kwargs: further arguments of transformers' `generate` (`no_repeat_ngram_size`,
+                `stop_strings`, `logits_processor`, `stopping_criteria`, ...).
 
         Examples:
 
         Returns:
-            [`LavitUnderstandingPipelineOutput`] (or a tuple `(text, sequences)`): `text` has B ×
-            `num_return_sequences` entries, `sequences` (B × num_return_sequences, T) the generated ids only.
+            The text and the generated ids: a `LavitUnderstandingPipelineOutput`, or the tuple `(text, sequences)`
+                with `return_dict=False`. `text` has B × `num_return_sequences` entries, `sequences` is
+                (B × num_return_sequences, T) and holds the generated ids only.
         """
-        self.check_inputs(
-            image, prompt, max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, top_k,
-            length_penalty, repetition_penalty, num_return_sequences, generator, streamer,
+        given = dict(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences, early_stopping=early_stopping,
         )
+        settings = generation_settings(generation_config, GENERATION_DEFAULTS, given)
+        if given["min_new_tokens"] is None and isinstance(settings["max_new_tokens"], int):
+            settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
+        self.check_inputs(
+            image, prompt, settings["max_new_tokens"], settings["min_new_tokens"], settings["num_beams"],
+            settings["do_sample"], settings["temperature"], settings["top_p"], settings["top_k"],
+            settings["length_penalty"], settings["repetition_penalty"], settings["num_return_sequences"], generator,
+            streamer,
+        )
+        built = sorted(set(BUILT_INPUTS) & set(generate_kwargs))
+        if built:
+            raise TypeError(f"{built} are built by the pipeline from `image` and `prompt`; do not pass them.")
         features = self.encode_images(image, generator)
         inputs_embeds, attention_mask = self.prepare_inputs_embeds(features, prompt, pad_prompt_before_image)
+        unused = (("temperature", "top_p", "top_k") if not settings["do_sample"] else ()) + (
+            ("length_penalty", "early_stopping") if settings["num_beams"] == 1 else ()
+        )
+        settings = {k: v for k, v in settings.items() if k not in unused}
 
-        kwargs = {"num_beams": num_beams, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        if num_beams > 1:
-            kwargs.update(length_penalty=length_penalty, early_stopping=early_stopping)
-        seeded = _seeded_sampling(generator if do_sample else None, self._execution_device)
-        with self.progress_bar(total=max_new_tokens) as progress, seeded:
+        config = copy.deepcopy(generation_config or self.language_model.generation_config)
+        extra = config.update(**{**self._token_ids(), **settings, **generate_kwargs})  # -> the non-config arguments
+        seeded = _seeded_sampling(generator if settings["do_sample"] else None, self._execution_device)
+        with self.progress_bar(total=settings["max_new_tokens"], desc="text tokens") as progress, seeded:
+            processors = [_SuppressIdRange(self.language_model.lavit_token_id_range), _ProgressProcessor(progress)]
             sequences = self.language_model.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                num_return_sequences=num_return_sequences,
-                bos_token_id=self.tokenizer.bos_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                logits_processor=LogitsProcessorList(
-                    [_SuppressIdRange(self.language_model.lavit_token_id_range), _ProgressProcessor(progress)]
-                ),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([*processors, *extra.pop("logits_processor", [])]),
                 streamer=streamer,
-                **kwargs,
+                tokenizer=self.tokenizer,
+                **extra,
             )
         self.maybe_free_model_hooks()
         sequences = sequences.cpu()
@@ -323,26 +380,40 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
             return text, sequences
         return LavitUnderstandingPipelineOutput(text=text, sequences=sequences)
 
+    def _token_ids(self) -> dict:
+        return dict(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.pad_token_id)
+
+    @staticmethod
+    def _task_defaults(defaults: dict, kwargs: dict) -> dict:
+        """`kwargs` over a task's default settings, leaving out the settings that `generation_config` sets."""
+        configured = kwargs.get("generation_config")
+        configured = configured.to_diff_dict() if configured is not None else {}
+        if kwargs.get("streamer") is not None:  # streamers need greedy search or sampling
+            defaults = {**defaults, "num_beams": 1}
+        settings = {**{k: v for k, v in defaults.items() if k not in configured}, **kwargs}
+        if "min_new_tokens" not in kwargs and isinstance(settings.get("max_new_tokens"), int):
+            settings["min_new_tokens"] = min(settings.get("min_new_tokens", 0), settings["max_new_tokens"])
+        return settings
+
     def caption(self, image, **kwargs) -> list[str]:
         """Captions with the original's defaults (beam search with 2 beams, 8–36 new tokens, no prompt), cut
-        at the first '.'. Keyword arguments go to `__call__`."""
-        kwargs = {"num_beams": 2, "max_new_tokens": 36, "min_new_tokens": 8, **kwargs}
+        at the first '.'. Keyword arguments go to `__call__`; with a `streamer` the search is greedy (1 beam)."""
+        kwargs = self._task_defaults(CAPTION_DEFAULTS, kwargs)
         return [postprocess_caption(t) for t in self(image, **kwargs).text]
 
     def answer(self, image, question: str | list[str], lemmatize: bool = False, **kwargs) -> list[str]:
         """Answers to `question` (one string for all images, or one per image), prompted as
         "Question: {} Answer:", with the original's defaults (5 beams, 2–10 new tokens, length penalty 0, early
         stopping) and post-processing. `lemmatize=True` lemmatises nouns and verbs with spaCy's
-        `en_core_web_sm`, as the original does by default. Keyword arguments go to `__call__`."""
+        `en_core_web_sm`, as the original does by default. Keyword arguments go to `__call__`; with a `streamer`
+        the search is greedy (1 beam)."""
         questions = [question] if isinstance(question, str) else question
         if not isinstance(questions, (list, tuple)) or not all(isinstance(q, str) for q in questions):
             raise TypeError(f"`question` must be a string or a list of strings, got {type(question).__name__}.")
         if lemmatize and self._lemmatizer is None:
             self._lemmatizer = load_lemmatizer()
         prompt = VQA_PROMPT.format(question) if isinstance(question, str) else [VQA_PROMPT.format(q) for q in questions]
-        kwargs = {
-            "num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 2, "length_penalty": 0.0, "early_stopping": True,
-            "pad_prompt_before_image": True, **kwargs,
-        }
+        kwargs = {"pad_prompt_before_image": True, **self._task_defaults(ANSWER_DEFAULTS, kwargs)}
         answers = [postprocess_answer(t) for t in self(image, prompt=prompt, **kwargs).text]
         return lemmatize_answers(answers, self._lemmatizer) if lemmatize else answers
