@@ -54,6 +54,35 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
             )
 
     @classmethod
+    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=LANGUAGE_MODEL, lora_scale=1.0,
+                                    adapter_name=None, _pipeline=None, metadata=None, **kwargs):
+        """Inject the `prefix.*` LoRA layers of `state_dict` into the language model with peft and load them
+        (`inject_adapter_in_model` + `set_peft_model_state_dict`). diffusers' text-encoder path goes through
+        transformers' adapter API, which needs a newer peft than LaVIT requires; this keeps to peft itself."""
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+        from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name, scale_lora_layers
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        if metadata is not None:
+            metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")} or None
+        state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
+        ranks = {key: value.shape[1] for key, value in state_dict.items() if "lora_B" in key}
+        if network_alphas:
+            network_alphas = {k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items() if k.startswith(f"{prefix}.")}
+        config = _create_lora_config(state_dict, network_alphas, metadata, ranks, is_unet=False)
+        adapter_name = adapter_name or get_adapter_name(text_encoder)
+        model_offload, sequential_offload, _ = cls._optionally_disable_offloading(_pipeline)
+        inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+        set_peft_model_state_dict(text_encoder, state_dict, adapter_name=adapter_name)
+        scale_lora_layers(text_encoder, weight=lora_scale)
+        text_encoder.to(device=text_encoder.device, dtype=text_encoder.dtype)
+        if model_offload:
+            _pipeline.enable_model_cpu_offload()
+        elif sequential_offload:
+            _pipeline.enable_sequential_cpu_offload()
+
+    @classmethod
     def save_lora_weights(cls, save_directory: str | os.PathLike,
                           unet_lora_layers: dict[str, torch.Tensor] | None = None,
                           language_model_lora_layers: dict[str, torch.Tensor] | None = None,

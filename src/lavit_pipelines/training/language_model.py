@@ -131,11 +131,12 @@ class LanguageModelStage(Stage):
             getattr(vt, name).requires_grad_(True)
         trained = ["visual_tokenizer"]
         if config.lora:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
 
             lm.requires_grad_(False)
-            lm.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                      init_lora_weights="gaussian", target_modules=config.lora_target_modules))
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                              init_lora_weights="gaussian", target_modules=config.lora_target_modules)
+            inject_adapter_in_model(lora, lm)
             if config.train_visual_embeddings:
                 for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
                     keep_rows_trainable(weight, lm.lavit_token_id_range)
@@ -167,6 +168,8 @@ class LanguageModelStage(Stage):
         """With LoRA: the adapter goes to pytorch_lora_weights.safetensors, then leaves the model, whose
         (possibly trained) LaVIT embedding rows are saved with it."""
         if self.config.lora:
+            from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
             from ..pipelines.understanding import LavitUnderstandingPipeline
 
             lm = self.components["language_model"]
@@ -174,5 +177,6 @@ class LanguageModelStage(Stage):
             LavitUnderstandingPipeline.save_lora_weights(
                 output, language_model_lora_layers=layers, language_model_lora_adapter_metadata=metadata
             )
-            lm.delete_adapter("default")
+            recurse_remove_peft_layers(lm)
+            del lm.peft_config
         return super().finish(output)
