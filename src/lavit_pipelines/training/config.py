@@ -23,6 +23,10 @@ class TrainingConfig:
     a code is restarted), `quantize_after_steps` (first phase without quantisation),
     `reconstruction_layers` (depth of the training-only feature decoder), `gumbel_temperature`.
 
+    `validation_steps`: every so many steps (and before the first), the loss on a fixed batch and a sample
+    (pixel decoder: an image reconstructed with `validation_inference_steps` denoising steps; language model:
+    a caption) go to logs.jsonl and OUT/validation/.
+
     Pixel decoder: `train_unet` (full UNet fine-tuning; with `lora=True` the UNet gets LoRA instead),
     `condition_dropout`, `prediction_type` (None: the scheduler's), `use_ema`/`ema_decay`, `resolution`
     (None: the UNet's sample size × the VAE factor).
@@ -52,6 +56,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     validation_steps: int | None = None
+    validation_inference_steps: int = 25
     logging_steps: int = 10
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 0
@@ -98,7 +103,7 @@ class TrainingConfig:
         if not os.path.isdir(self.model):
             raise FileNotFoundError(f"`model`: {self.model!r} is not a pipeline folder.")
         positive = ("max_steps", "batch_size", "lora_rank", "gradient_accumulation_steps", "checkpointing_steps",
-                    "logging_steps", "max_length", "reconstruction_layers")
+                    "logging_steps", "max_length", "reconstruction_layers", "validation_inference_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

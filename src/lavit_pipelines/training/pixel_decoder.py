@@ -122,7 +122,7 @@ class PixelDecoderStage(Stage):
         with torch.no_grad():
             codes = self.components["visual_tokenizer"].tokenize(batch["pixel_values"][:1].to(self.accelerator.device),
                                                                    generator=generators[:1])
-            image = pipe(visual_token_ids=codes, height=self.resolution, width=self.resolution, num_inference_steps=10,
+            image = pipe(visual_token_ids=codes, height=self.resolution, width=self.resolution, num_inference_steps=self.config.validation_inference_steps,
                          generator=generators[0]).images[0]
         folder.mkdir(exist_ok=True)
         image.save(folder / f"step-{step}.png")
