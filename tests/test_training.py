@@ -261,3 +261,34 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(tokenizer_run, tr
     assert (a[key] - base[key]).abs().max() > 1e-3  # it trained; the two runs agree far more closely than that
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_trains_and_applies_the_adapter(training_base, training_data, lora_runs, tokenizer_run, tmp_path, capsys):
+    from lavit_pipelines.cli import main
+
+    out = tmp_path / "out"
+    argv = ["train", "visual-tokenizer", "--model", str(training_base), "--data", str(training_data), "--output",
+            str(out), "--max-steps", "1", "--batch-size", "2", "--no-kmeans-init", "--target-keep-ratio", "0.5"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    assert json.loads((out / "training_config.json").read_text())["target_keep_ratio"] == 0.5
+    assert [row["step"] for row in read_logs(out)] == [1]
+    image = str(training_data / "0.png")
+    assert main(["caption", image, "--model", str(tokenizer_run), "--lora", str(lora_runs["language_model"])]) == 0
+    with_adapter = capsys.readouterr().out
+    assert main(["caption", image, "--model", str(tokenizer_run)]) == 0
+    assert capsys.readouterr().out != with_adapter
+
+
+def test_cli_names_bad_training_input(training_base, tmp_path, capsys):
+    from lavit_pipelines.cli import main
+
+    argv = ["train", "pixel-decoder", "--model", str(training_base), "--data", str(tmp_path / "nowhere"), "--output",
+            str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "`data`: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "tokenizer", "--model", "m", "--data", "d", "--output", "o"])

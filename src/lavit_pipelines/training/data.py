@@ -51,6 +51,8 @@ def load_image_text_dataset(data: str, image_column: str = "image", text_column:
     import datasets
 
     folder = Path(data)
+    if not folder.exists() and (data.startswith((".", "/", "~")) or data.count("/") != 1):
+        raise FileNotFoundError(f"`data`: {data!r} is neither a folder nor a `datasets` name (owner/name).")
     if (folder / METADATA).is_file() or (folder.is_dir() and not (folder / "dataset_info.json").is_file()):
         check_image_folder(folder, text_column)
         dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
