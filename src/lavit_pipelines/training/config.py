@@ -35,7 +35,12 @@ class TrainingConfig:
     `text [IMG] codes [/IMG]`), `text_dropout`, `max_length`, `packing`, `train_visual_embeddings` (also
     train the embedding and output rows of [IMG], [/IMG] and the visual ids under LoRA),
     `init_understanding_head` (copy the stage-1 predictor/merger into the understanding head first, for
-    a model whose understanding head was never trained), `lora_target_modules`.
+    a model whose understanding head was never trained), `train_understanding_head` (train the
+    understanding predictor, merger and LLM projection along; False freezes them, e.g. for LoRA on small
+    GPUs), `lora_target_modules`.
+
+    With `mixed_precision` "bf16"/"fp16" the frozen weights are loaded in that dtype and the trained ones
+    kept in float32.
     """
 
     stage: str
@@ -89,6 +94,7 @@ class TrainingConfig:
     packing: bool = True
     train_visual_embeddings: bool = False
     init_understanding_head: bool = False
+    train_understanding_head: bool = True
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self):

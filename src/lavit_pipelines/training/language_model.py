@@ -128,8 +128,8 @@ class LanguageModelStage(Stage):
             vt.understanding_predictor.load_state_dict(vt.token_predictor.state_dict())
             vt.understanding_merger.load_state_dict(vt.token_merger.state_dict())
         for name in UNDERSTANDING_HEAD:
-            getattr(vt, name).requires_grad_(True)
-        trained = ["visual_tokenizer"]
+            getattr(vt, name).requires_grad_(config.train_understanding_head)
+        trained = ["visual_tokenizer"] if config.train_understanding_head or config.init_understanding_head else []
         if config.lora:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -145,7 +145,7 @@ class LanguageModelStage(Stage):
             lm.requires_grad_(True)
             trained.append("language_model")
         if config.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.activation_checkpointing_enable({"use_reentrant": False})
             vt.enable_gradient_checkpointing()
         self.trained_components = tuple(trained)
         self.processor = LavitImageProcessor(**{k: vt.config[k] for k in ("image_size", "image_mean", "image_std")})

@@ -22,6 +22,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from .config import TrainingConfig
@@ -32,6 +33,7 @@ LOGS = "logs.jsonl"
 CONFIG = "training_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".pipeline-staging"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_EPOCH = 2**32 - 1  # seeds the fixed validation batch apart from every training epoch
 
 
@@ -116,8 +118,9 @@ def find_checkpoint(output: Path, resume: str | None) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if found else None
 
 
-def load_components(model: Path, names: tuple[str, ...]) -> dict:
-    """The named components of the BASE pipeline folder (others are not loaded)."""
+def load_components(model: Path, names: tuple[str, ...], dtype: torch.dtype = torch.float32) -> dict:
+    """The named components of the BASE pipeline folder (others are not loaded), in `dtype` (the VAE stays
+    in float32, where SDXL's VAE does not overflow)."""
     from ..pipelines.text2image import LavitText2ImagePipeline
 
     index = json.loads((model / "model_index.json").read_text())
@@ -125,7 +128,9 @@ def load_components(model: Path, names: tuple[str, ...]) -> dict:
     missing = [name for name in names if index.get(name, [None])[0] is None]
     if missing:
         raise ValueError(f"`model`: {model} has no {', '.join(missing)} component, which this stage trains or needs.")
-    pipe = LavitText2ImagePipeline.from_pretrained(model, load_visual_tokenizer="visual_tokenizer" in names, **skipped)
+    pipe = LavitText2ImagePipeline.from_pretrained(
+        model, load_visual_tokenizer="visual_tokenizer" in names, dtype={"default": dtype, "vae": torch.float32}, **skipped
+    )
     return {name: getattr(pipe, name) for name in names}
 
 
@@ -185,7 +190,10 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(config.seed)
-    stage = stage_cls(config, load_components(model, stage_cls.needed_components), accelerator)
+    # Frozen weights in the mixed-precision dtype, trained ones in float32 (diffusers' training scripts' recipe).
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    stage = stage_cls(config, load_components(model, stage_cls.needed_components, weight_dtype), accelerator)
+    cast_training_params(stage.module, torch.float32)
     data = IndexedDataset(dataset, stage.transform, config.image_column, config.text_column)
     dataloader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
     validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])

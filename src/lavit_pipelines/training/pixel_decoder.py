@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -98,6 +98,7 @@ class PixelDecoderStage(Stage):
         self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout).to(accelerator.device)
         self.ema = None
         if config.use_ema:
+            cast_training_params(self.module, torch.float32)  # the EMA copies float32 weights
             self.ema = EMAModel(self.parameters_to_train(), decay=config.ema_decay)
             accelerator.register_for_checkpointing(self.ema)
 
