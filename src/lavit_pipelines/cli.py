@@ -1,4 +1,4 @@
-"""`lavit`: generate, caption, ask, reconstruct and convert from the command line.
+"""`lavit`: generate, caption, ask, reconstruct, convert and train from the command line.
 
 Without `--model`, a tiny LaVIT with random weights is built in code (cached after the first run): it
 draws noise and is there to try the machinery. Real images need the converted release checkpoint.
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask = add_command("ask", parents=[common], help="image + question -> answer")
     ask.add_argument("image", help="image file")
     ask.add_argument("question")
+    for sub in (gen, cap, ask):
+        sub.add_argument("--lora", help="LoRA folder or file to apply (e.g. the output of `lavit train ... --lora`)")
     rec = add_command("reconstruct", parents=[common], help="image -> visual tokens -> image")
     rec.add_argument("image", help="image file")
     rec.add_argument("--output", required=True, help="output image file (.png, .jpg, .webp)")
@@ -88,7 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
+    add_train_parser(commands)
     return parser
+
+
+def add_train_parser(commands) -> None:
+    """`lavit train STAGE --model BASE --data DATA --output OUT`, one option per `TrainingConfig` field."""
+    import dataclasses
+    import typing
+
+    from .training.config import STAGES, TrainingConfig
+
+    train = commands.add_parser("train", help="train or fine-tune one LaVIT stage (see docs/training.md)")
+    train.add_argument("stage", choices=STAGES)
+    for field in dataclasses.fields(TrainingConfig)[1:]:  # after `stage`
+        flag = "--" + field.name.replace("_", "-")
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            train.add_argument(flag, required=True)
+            continue
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if isinstance(default, bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list):
+            train.add_argument(flag, nargs="+", default=default, help=f"(default: {' '.join(default)})")
+        else:
+            kind = type(default) if default is not None else next(t for t in typing.get_args(field.type) if t is not type(None))
+            train.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
 
 
 # ------------------------------------------------------------------ argument checks (before loading anything)
@@ -252,6 +279,8 @@ def load_pipeline(pipeline_cls, args, device=None, **kwargs):
         source = tiny_pipeline_path()
     default_device, dtype = resolve_device_and_dtype(args)
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
+    if getattr(args, "lora", None):
+        pipe.load_lora_weights(args.lora)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device or default_device)
     else:
@@ -360,9 +389,16 @@ def run_convert(args) -> None:
     print(convert(args.src, args.dst, args.pixel_decoder, args.dtype, args.overwrite, args.safety_checker))
 
 
+def run_train(args) -> None:
+    from .training import TrainingConfig, train
+
+    settings = {key: value for key, value in vars(args).items() if key != "command"}
+    print(train(TrainingConfig(**settings)))
+
+
 COMMANDS = {
     "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "convert": run_convert,
+    "reconstruct": run_reconstruct, "convert": run_convert, "train": run_train,
 }
 
 
