@@ -71,7 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES)
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
+    add_evaluate_parser(commands, common)
     return parser
+
+
+def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
+    """`lavit evaluate {shapes}`: the benchmarks of `lavit_pipelines.evaluation`."""
+    evaluate = commands.add_parser("evaluate", help="benchmarks: LaVIT's zero-shot evaluations, the shapes world")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    shapes = tasks.add_parser("shapes", parents=[common], help="generation, caption and VQA accuracy on the shapes world")
+    shapes.add_argument("--output", required=True, help="folder for the images, predictions.json and metrics.json")
+    shapes.add_argument("--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)")
+    shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
+    shapes.add_argument("--batch-size", type=positive_int, default=8)
+    shapes.add_argument("--steps", type=positive_int, default=25, help="denoising steps of the generation")
+    shapes.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
 
 
 # ------------------------------------------------------------------ argument checks (before loading anything)
@@ -261,6 +275,24 @@ def run_reconstruct(args) -> None:
     print(output)
 
 
+def run_evaluate(args) -> None:
+    import json
+
+    from .evaluation.shapes import evaluate_shapes
+
+    if not args.model:
+        raise UsageError("--model is required: a converted LaVIT folder or Hub repo id")
+    device, dtype = resolve_device_and_dtype(args)
+    metrics = evaluate_shapes(
+        args.model, args.output, args.num_prompts, args.num_scenes, args.seed, args.batch_size,
+        device, dtype, generation_kwargs={
+            "num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens,
+            "min_new_tokens": min(20, args.max_new_tokens),
+        },
+    )
+    print(json.dumps(metrics, indent=1))
+
+
 def run_convert(args) -> None:
     from .conversion import convert
 
@@ -269,7 +301,7 @@ def run_convert(args) -> None:
 
 COMMANDS = {
     "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "convert": run_convert,
+    "reconstruct": run_reconstruct, "convert": run_convert, "evaluate": run_evaluate,
 }
 
 
