@@ -88,6 +88,8 @@ def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
     cap = tasks.add_parser("caption", parents=[data], help="captioning: COCO Karpathy test, NoCaps, Flickr30K")
     cap.add_argument("--ground-truth", required=True, help="COCO-format caption file")
     cap.add_argument("--batch-size", type=positive_int, default=8)
+    cap.add_argument("--metrics", nargs="+", default=["Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
+                     choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"), help="pycocoevalcap metrics (default: all)")
     vqa = tasks.add_parser("vqa", parents=[data], help="VQA: VQAv2, OK-VQA, VizWiz, GQA")
     vqa.add_argument("--dataset", choices=("vqav2", "okvqa", "vizwiz", "gqa"), default="vqav2")
     vqa.add_argument("--ground-truth", help="official VQA annotations, when --annotations is an official questions file")
@@ -302,11 +304,11 @@ def run_evaluate(args) -> None:
     """One evaluation; under `accelerate launch` each process takes its share and the main one prints the metrics."""
     import json
 
-    from accelerate import PartialState
+    from .evaluation.runner import process_state
 
     if not args.model:
         raise UsageError("--model is required: a converted LaVIT folder or Hub repo id")
-    state = PartialState()
+    state = process_state()
     device, dtype = resolve_device_and_dtype(args)
     device = args.device or (str(state.device) if state.num_processes > 1 else device)
     metrics = EVALUATIONS[args.task](args, device, dtype)
@@ -319,7 +321,7 @@ def evaluate_caption(args, device, dtype):
 
     return evaluate_captioning(
         args.model, args.annotations, args.images, args.ground_truth, args.output, args.batch_size, args.seed,
-        device, dtype, args.limit,
+        device, dtype, args.limit, tuple(args.metrics),
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import caption_scores
+from .metrics import CAPTION_METRICS, caption_scores, check_caption_metrics
 from .runner import check_entries, load_understanding, read_json, run_sharded, start_run, write_json
 
 
@@ -60,12 +60,15 @@ def evaluate_captioning(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
+    metrics: tuple[str, ...] = CAPTION_METRICS,
 ) -> dict | None:
     """Caption every image of `annotations` (the first `limit`), write `output/predictions.json`
-    (`[{"image_id", "caption"}]`) and `output/metrics.json` (pycocoevalcap's keys); returns the metrics on the main
-    process, None on the others. The images of a batch share one generator seeded with `seed + first index`."""
+    (`[{"image_id", "caption"}]`) and `output/metrics.json` (pycocoevalcap's keys for `metrics`); returns the
+    metrics on the main process, None on the others. The images of a batch share one generator seeded with
+    `seed + the batch's first index`."""
     items = load_caption_items(annotations, images)[:limit]
     references = load_references(ground_truth, [item["image_id"] for item in items])
+    check_caption_metrics(metrics)
     config = {"task": "caption", "model": str(model_path), "annotations": str(annotations), "seed": seed, "batch_size": batch_size}
     output = start_run(output, config)
     pipe = load_understanding(model_path, device, dtype)
@@ -79,6 +82,6 @@ def evaluate_captioning(
     if records is None:
         return None
     write_json(output / "predictions.json", records)
-    metrics = caption_scores(references, {r["image_id"]: r["caption"] for r in records})
-    write_json(output / "metrics.json", metrics)
-    return metrics
+    scores = caption_scores(references, {r["image_id"]: r["caption"] for r in records}, metrics)
+    write_json(output / "metrics.json", scores)
+    return scores

@@ -111,6 +111,8 @@ def gqa_accuracy(prediction: str, answer: str) -> float:
 
 # ------------------------------------------------------------------ captions (pycocoevalcap)
 
+CAPTION_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
 
 def spice_available() -> bool:
     """SPICE needs Stanford CoreNLP jars next to pycocoevalcap's SPICE (it would download them otherwise)."""
@@ -119,32 +121,47 @@ def spice_available() -> bool:
     return Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB, f"{get_stanford_models.JAR}.jar").is_file()
 
 
-def caption_scores(references: dict[int, list[str]], predictions: dict[int, str]) -> dict[str, float]:
-    """pycocoevalcap's COCO caption metrics (what `COCOEvalCap.evaluate` computes) over the predicted images:
-    PTB tokenisation, then Bleu_1..4, METEOR, ROUGE_L, CIDEr and SPICE (skipped, with a notice on stderr, when
-    its CoreNLP models are missing). Needs Java."""
+def check_caption_metrics(names: tuple[str, ...]) -> None:
+    unknown = set(names) - set(CAPTION_METRICS)
+    if unknown or not names:
+        raise ValueError(f"caption metrics must be among {CAPTION_METRICS}, got {list(names)}")
+
+
+def caption_scorers(names: tuple[str, ...]) -> list:
+    """(pycocoevalcap scorer, its metric names) for each of `names` (`CAPTION_METRICS`); SPICE is left out, with a
+    notice on stderr, when its CoreNLP models are missing."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.spice.spice import Spice
+
+    check_caption_metrics(names)
+    if "SPICE" in names and not spice_available():
+        print("note: SPICE skipped: pycocoevalcap's Stanford CoreNLP models are missing (run pycocoevalcap's "
+              "spice/get_stanford_models.py once with network access)", file=sys.stderr)
+        names = tuple(name for name in names if name != "SPICE")
+    scorers = {
+        "Bleu": lambda: (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), "METEOR": lambda: (Meteor(), ["METEOR"]),
+        "ROUGE_L": lambda: (Rouge(), ["ROUGE_L"]), "CIDEr": lambda: (Cider(), ["CIDEr"]), "SPICE": lambda: (Spice(), ["SPICE"]),
+    }
+    return [scorers[name]() for name in CAPTION_METRICS if name in names]
+
+
+def caption_scores(references: dict[int, list[str]], predictions: dict[int, str], names: tuple[str, ...] = CAPTION_METRICS) -> dict[str, float]:
+    """pycocoevalcap's COCO caption metrics (what `COCOEvalCap.evaluate` computes) over the predicted images: PTB
+    tokenisation, then `names` of Bleu (Bleu_1..4), METEOR, ROUGE_L, CIDEr, SPICE. Needs Java."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    scorers = caption_scorers(names)
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in predictions})
     res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]), (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-    if spice_available():
-        from pycocoevalcap.spice.spice import Spice
-
-        scorers.append((Spice(), ["SPICE"]))
-    else:
-        print("note: SPICE skipped: pycocoevalcap's Stanford CoreNLP models are missing (run pycocoevalcap's "
-              "spice/get_stanford_models.py once with network access)", file=sys.stderr)
     scores = {}
     with contextlib.redirect_stdout(sys.stderr):  # the scorers print their progress
-        for scorer, names in scorers:
+        for scorer, metric_names in scorers:
             score, _ = scorer.compute_score(gts, res)
-            scores.update(zip(names, score if len(names) > 1 else [score]))
+            scores.update(zip(metric_names, score if len(metric_names) > 1 else [score]))
     return {name: float(value) for name, value in scores.items()}
 
 
@@ -158,9 +175,10 @@ INCEPTION_HINT = (
 
 
 def fid_metric(feature: torch.nn.Module | str | Path):
-    """torchmetrics' `FrechetInceptionDistance` with `normalize=True` (float images in [0, 1], quantised to uint8
-    before the features). `feature`: a module mapping uint8 (B, 3, H, W) images to (B, F) features, or the path of
-    the 2048-feature FID Inception weights (FileNotFoundError / ModuleNotFoundError saying what is needed)."""
+    """torchmetrics' `FrechetInceptionDistance` for float images in [0, 1] (`normalize=True`). `feature`: a module
+    mapping such (B, 3, H, W) images to (B, F) features, or the path of the 2048-feature FID Inception weights
+    (images quantised to uint8 first, as the original); FileNotFoundError / ModuleNotFoundError saying what is
+    needed."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if isinstance(feature, torch.nn.Module):

@@ -92,11 +92,18 @@ def check_run_config(output: Path, config: dict, write: bool = True) -> None:
         write_json(path, config)
 
 
+def process_state():
+    """accelerate's `PartialState`, on the CPU (gloo) when `ACCELERATE_USE_CPU` is set or there is no GPU: a plain
+    `PartialState()` would not see the processes of `accelerate launch --multi_gpu` on a CPU-only machine."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def start_run(output: str | Path, config: dict) -> Path:
     """Create the output folder and check (and record) the run's settings there; before any model loads."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     output = Path(output)
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -134,11 +141,10 @@ def run_sharded(
     distinct `key`s, sharded across processes; each returned record carries its item's `key`. Call `start_run`
     first. Returns, on the main process, one record per distinct id in item order
     (None on the other processes)."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = process_state()
     items = unique_by(items, key)
     done = read_partial(output, key)
     state.wait_for_everyone()  # every process has read the same partial files before any writes
@@ -149,7 +155,9 @@ def run_sharded(
     (output / PARTIAL).mkdir(parents=True, exist_ok=True)
     log = output / PARTIAL / f"rank{state.process_index}.jsonl"
     mine = []
+    cut = log.is_file() and log.read_bytes()[-1:] not in (b"", b"\n")  # an interrupted write: start a new line
     with state.split_between_processes(batches) as shard, log.open("a", encoding="utf-8") as handle:
+        handle.write("\n" if cut else "")
         for start, batch in tqdm(shard, desc="batches", disable=not (progress and state.is_local_main_process)):
             records = predict(batch, start)
             handle.write("".join(json.dumps(record) + "\n" for record in records))

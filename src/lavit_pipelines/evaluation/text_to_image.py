@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..pipelines.validation import check_token_limits
 from .metrics import fid_metric, frechet_distance
 from .runner import check_entries, load_text2image, read_json, run_sharded, start_run, write_json
 
@@ -108,10 +109,11 @@ def evaluate_text_to_image(
     `seed + i * num_images + j`. `generation_kwargs` override `PROTOCOL`. Returns the metrics on the main process."""
     if num_images > 1 and clip is None:
         raise ValueError(f"choosing the best of {num_images} images needs a CLIP folder (--clip), or num_images=1")
+    kwargs = {**PROTOCOL, **(generation_kwargs or {})}
+    check_token_limits(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
     items = load_t2i_items(annotations, images, need_images=fid_feature is not None)[:limit]
     fid = fid_metric(fid_feature).to(device) if fid_feature is not None else None
     ranker = ClipRanker(clip, device) if clip is not None else None
-    kwargs = {**PROTOCOL, **(generation_kwargs or {})}
     config = {"task": "t2i", "model": str(model_path), "annotations": str(annotations), "clip": str(clip),
               "num_images": num_images, "seed": seed, "batch_size": batch_size, **kwargs}
     output = start_run(output, config)

@@ -126,7 +126,10 @@ def evaluate_vqa(
     (`[{"question_id", "answer"}]`) and `output/metrics.json`; returns the metrics on the main process, None on the
     others. `lemmatize=False` skips spaCy (a deviation from the original, recorded in the metrics)."""
     items = unique_by(load_vqa_items(annotations, images, dataset, ground_truth)[:limit], "question_id")
-    lemmatizer = load_lemmatizer() if lemmatize else None
+    try:
+        lemmatizer = load_lemmatizer() if lemmatize else None
+    except (ImportError, ValueError) as error:
+        raise type(error)(f"{error} (or skip it, a deviation from the original: --no-lemmatize)") from error
     config = {"task": "vqa", "model": str(model_path), "annotations": str(annotations), "dataset": dataset,
               "lemmatize": lemmatize, "seed": seed, "batch_size": batch_size}
     output = start_run(output, config)
