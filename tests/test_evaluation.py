@@ -223,14 +223,40 @@ def test_text_to_image_reranks_with_clip_and_scores_fid(data, clip_dir, tmp_path
 
 
 def test_every_evaluation_runs_on_the_converted_checkpoint(converted_dir, data, tmp_path, capsys):
-    common = ["--model", str(converted_dir), "--images", str(data / "images"), "--limit", "2"]
+    common = ["--model", str(converted_dir), "--images", str(data / "images"), "--limit", "1"]
     assert main(["evaluate", "caption", *common, "--annotations", str(data / "caption.json"),
                  "--ground-truth", str(data / "caption_gt.json"), "--metrics", "CIDEr", "ROUGE_L", "--output", str(tmp_path / "c")]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"CIDEr", "ROUGE_L"}
     assert main(["evaluate", "vqa", *common, "--annotations", str(data / "vqa.json"), "--dataset", "vizwiz",
                  "--no-lemmatize", "--output", str(tmp_path / "v")]) == 0
-    assert json.loads(capsys.readouterr().out)["num_questions"] == 2
+    assert json.loads(capsys.readouterr().out)["num_questions"] == 1
     assert main(["evaluate", "t2i", *common, "--annotations", str(data / "t2i.json"), "--no-fid", "--num-images", "1",
-                 "--steps", "2", "--output", str(tmp_path / "t")]) == 0
-    assert json.loads(capsys.readouterr().out)["num_prompts"] == 2
-    assert sorted(p.name for p in (tmp_path / "t" / "images").iterdir()) == ["00000.png", "00001.png"]
+                 "--steps", "2", "--max-new-tokens", "8", "--output", str(tmp_path / "t")]) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == 1
+    assert [p.name for p in (tmp_path / "t" / "images").iterdir()] == ["00000.png"]
+
+
+def test_vqa_reads_the_official_vizwiz_and_gqa_formats(data, tmp_path):
+    from lavit_pipelines.evaluation.vqa import load_vqa_items
+
+    image = data / "images" / "00000.png"
+    (tmp_path / "COCO_val2014_000000000007.jpg").write_bytes(image.read_bytes())
+    (tmp_path / "n7.jpg").write_bytes(image.read_bytes())
+    files = {
+        "questions.json": {"data_subtype": "val2014", "questions": [{"question_id": 70, "image_id": 7, "question": "What?"}]},
+        "answers.json": {"annotations": [{"question_id": 70, "answers": [{"answer": "red", "answer_id": 1}], "answer_type": "other"}]},
+        "vizwiz.json": [{"image": "n7.jpg", "question": "What?", "answers": [{"answer": "red", "answer_confidence": "yes"}]}],
+        "gqa.json": {"201": {"imageId": "n7", "question": "What?", "answer": "red"}},
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    official = load_vqa_items(tmp_path / "questions.json", tmp_path, "vqav2", tmp_path / "answers.json")
+    assert official == [{"question_id": 70, "path": str(tmp_path / "COCO_val2014_000000000007.jpg"), "question": "what?",
+                         "answer": ["red"], "answer_type": "other"}]
+    vizwiz = load_vqa_items(tmp_path / "vizwiz.json", tmp_path, "vizwiz")
+    assert (vizwiz[0]["question_id"], vizwiz[0]["answer"], vizwiz[0]["path"]) == (0, ["red"], str(tmp_path / "n7.jpg"))
+    gqa = load_vqa_items(tmp_path / "gqa.json", tmp_path, "gqa")
+    assert (gqa[0]["question_id"], gqa[0]["answer"]) == ("201", "red")
+    (tmp_path / "answers.json").write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match="answers.json has no answers for question id 70"):
+        load_vqa_items(tmp_path / "questions.json", tmp_path, "vqav2", tmp_path / "answers.json")

@@ -102,6 +102,7 @@ def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
     t2i.add_argument("--num-images", type=positive_int, default=4, help="images per caption, re-ranked by --clip")
     t2i.add_argument("--resolution", type=positive_int, default=512, help="real images are resized to this for FID")
     t2i.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    t2i.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
     t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
 
     shapes = tasks.add_parser("shapes", parents=[common], help="generation, caption and VQA accuracy on the shapes world")
@@ -316,6 +317,11 @@ def run_evaluate(args) -> None:
         print(json.dumps(metrics, indent=1))
 
 
+def evaluation_generation_kwargs(args) -> dict:
+    """--steps and --max-new-tokens (min_new_tokens: LaVIT's 20, or fewer when the maximum is lower)."""
+    return {"num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(20, args.max_new_tokens)}
+
+
 def evaluate_caption(args, device, dtype):
     from .evaluation.captioning import evaluate_captioning
 
@@ -343,7 +349,7 @@ def evaluate_t2i(args, device, dtype):
     return evaluate_text_to_image(
         args.model, args.annotations, args.output, args.images, args.clip, None if args.no_fid else args.inception_weights,
         args.num_images, args.resolution, args.batch_size, args.seed, device, dtype, args.limit,
-        generation_kwargs={"num_inference_steps": args.steps},
+        generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 
@@ -352,10 +358,7 @@ def evaluate_shapes(args, device, dtype):
 
     return run(
         args.model, args.output, args.num_prompts, args.num_scenes, args.seed, args.batch_size, device, dtype,
-        generation_kwargs={
-            "num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": min(20, args.max_new_tokens),
-        },
+        generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 

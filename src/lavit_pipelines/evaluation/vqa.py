@@ -25,7 +25,7 @@ def clean_question(question: str) -> str:
     return " ".join(question.split(" ")[:MAX_QUESTION_WORDS])
 
 
-def _official_items(questions: dict, questions_path, ground_truth, images: Path) -> list[dict]:
+def _official_items(questions: dict, questions_path, ground_truth) -> list[dict]:
     """The official VQA pair: questions `{"questions": [{"question_id", "image_id", "question"}], "data_subtype"}` and
     annotations `{"annotations": [{"question_id", "answers": [{"answer"}], "answer_type"?}]}`; images are
     `COCO_{data_subtype}_{image_id:012d}.jpg` in `images`."""
@@ -47,22 +47,38 @@ def _official_items(questions: dict, questions_path, ground_truth, images: Path)
             **entry, "image": f"COCO_{subtype}_{entry['image_id']:012d}.jpg",
             "answer": [a["answer"] for a in annotation["answers"]], "answer_type": annotation.get("answer_type"),
         })
-    check_entries(entries, (), questions_path, images)
     return entries
+
+
+def _vizwiz_items(entries: list, path) -> list[dict]:
+    """VizWiz's own format `[{"image", "question", "answers": [{"answer", ...}], "answer_type"}]`: question ids
+    are the entry indices."""
+    check_entries(entries, ("image", "question", "answers"), path)
+    return [{**e, "question_id": e.get("question_id", i), "answer": [a["answer"] for a in e["answers"]]} for i, e in enumerate(entries)]
+
+
+def _gqa_items(questions: dict) -> list[dict]:
+    """GQA's own format `{question_id: {"imageId", "question", "answer"}}`; images are `{imageId}.jpg`."""
+    return [{"question_id": qid, "image": f"{q['imageId']}.jpg", "question": q["question"], "answer": q["answer"]} for qid, q in questions.items()]
 
 
 def load_vqa_items(annotations: str | Path, images: str | Path, dataset: str, ground_truth: str | Path | None = None) -> list[dict]:
     """`[{"question_id", "path", "question" (cleaned), "answer" (list of strings; GQA: one string), "answer_type"}]`
-    from LAVIS-format annotations `[{"question_id", "image", "question", "answer"}]` or the official pair."""
+    from LAVIS-format annotations `[{"question_id", "image", "question", "answer"}]`, the official VQA pair
+    (VQAv2, OK-VQA), VizWiz's or GQA's own files; every image checked."""
     if dataset not in DATASETS:
         raise ValueError(f"`dataset` must be one of {DATASETS}, got {dataset!r}")
     images = Path(images)
     data = read_json(annotations, "--annotations")
     if isinstance(data, dict) and "questions" in data:
-        entries = _official_items(data, annotations, ground_truth, images)
+        entries = _official_items(data, annotations, ground_truth)
+    elif isinstance(data, dict) and all(isinstance(q, dict) and "imageId" in q for q in data.values()):
+        entries = _gqa_items(data)
+    elif isinstance(data, list) and data and isinstance(data[0], dict) and "answer" not in data[0] and "answers" in data[0]:
+        entries = _vizwiz_items(data, annotations)
     else:
-        check_entries(data, ("question_id", "image", "question", "answer"), annotations, images)
         entries = data
+    check_entries(entries, ("question_id", "image", "question", "answer"), annotations, images)
     expected = str if dataset == "gqa" else list
     for index, entry in enumerate(entries):
         if not isinstance(entry["answer"], expected):
