@@ -177,13 +177,13 @@ def test_caption_run_resumes_after_an_interruption(data, tmp_path):
     settings = {"task": "caption", "model": str(tiny_pipeline_path()), "annotations": str(data / "caption.json"), "seed": 0, "batch_size": 1}
     start_run(out, settings)
     # an interrupted run: image 0 done, the line of image 1 cut in the middle
-    (out / PARTIAL / "rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
+    (out / PARTIAL / "predictions-rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
     scores = evaluate_captioning(tiny_pipeline_path(), data / "caption.json", data / "images", data / "caption_gt.json", out,
                                  batch_size=1, limit=3, metrics=("Bleu", "CIDEr"))
     predictions = json.loads((out / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == [0, 1, 2]
     assert predictions[0]["caption"] == "a red circle"  # kept, not recomputed
-    lines = (out / PARTIAL / "rank0.jsonl").read_text().splitlines()
+    lines = (out / PARTIAL / "predictions-rank0.jsonl").read_text().splitlines()
     assert [json.loads(line)["image_id"] for line in lines[2:]] == [1, 2]
     assert json.loads((out / "metrics.json").read_text()) == scores and set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
 
@@ -196,7 +196,7 @@ def test_two_processes_give_the_predictions_of_one(data, tmp_path):
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lavit_pipelines.cli", *args, "--output", str(tmp_path / "two")]
     result = subprocess.run(launch, capture_output=True, text=True, env={**SINGLE_THREAD, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "two" / PARTIAL).glob("*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two" / PARTIAL).glob("*.jsonl")) == ["predictions-rank0.jsonl", "predictions-rank1.jsonl"]
     one, two = ((tmp_path / name / "predictions.json").read_text() for name in ("one", "two"))
     assert one == two and len(json.loads(one)) == 4
 

@@ -59,5 +59,9 @@ def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert sorted(p.name for p in (out / "generation").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     for name in ("generation/all", "caption/all", "vqa/all", "generation/position", "vqa/count"):
         assert 0 <= metrics[name] <= 100
+    assert main(args) == 0  # a rerun finds every result in the logs and writes the same metrics
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert main([*args, "--num-scenes", "3"]) == 2
+    assert "other settings (num_scenes)" in capsys.readouterr().err
     assert main(["evaluate", "shapes", "--output", str(tmp_path / "x")]) == 2
     assert "--model is required" in capsys.readouterr().err

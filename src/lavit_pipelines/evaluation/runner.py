@@ -2,7 +2,7 @@
 
 `run_sharded` cuts the items into fixed batches (the same batches for any number of processes, so the predictions
 do not depend on it), splits the batches between the processes of `accelerate launch`, appends each batch's
-records to the process' own `partial/rank{k}.jsonl` as soon as it is done, gathers everything on the main process
+records to the process' own `partial/{stage}-rank{k}.jsonl` as soon as it is done, gathers everything on the main process
 and de-duplicates it by id. A rerun skips the ids already in the partial files (the output folder must be shared
 by the processes); `partial/run.json` records the settings, and a rerun with other settings is refused.
 """
@@ -112,10 +112,11 @@ def start_run(output: str | Path, config: dict) -> Path:
     return output
 
 
-def read_partial(output: Path, key: str) -> dict:
-    """id -> record of every complete line in `output/partial/*.jsonl` (a line cut by an interruption is ignored)."""
+def read_partial(output: Path, key: str, stage: str) -> dict:
+    """id -> record of every complete line in `output/partial/{stage}-rank*.jsonl` (a line cut by an interruption is
+    ignored)."""
     records = {}
-    for path in sorted((output / PARTIAL).glob("*.jsonl")):
+    for path in sorted((output / PARTIAL).glob(f"{stage}-rank*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
@@ -135,25 +136,25 @@ def unique_by(items: list[dict], key: str) -> list[dict]:
 
 def run_sharded(
     items: list[dict], key: str, predict: Callable[[list[dict], int], list[dict]], output: Path, batch_size: int,
-    progress: bool = True,
+    stage: str = "predictions", progress: bool = True,
 ) -> list[dict] | None:
     """Run `predict(batch, start)` (`start`: the index of the batch's first item, for seeding) over the `items` with
-    distinct `key`s, sharded across processes; each returned record carries its item's `key`. Call `start_run`
-    first. Returns, on the main process, one record per distinct id in item order
+    distinct `key`s, sharded across processes; each returned record carries its item's `key`. `stage` names the
+    logs (one evaluation may have several stages). Call `start_run` first. Returns, on the main process, one record per distinct id in item order
     (None on the other processes)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = process_state()
     items = unique_by(items, key)
-    done = read_partial(output, key)
+    done = read_partial(output, key, stage)
     state.wait_for_everyone()  # every process has read the same partial files before any writes
     batches = [
         (start, items[start : start + batch_size]) for start in range(0, len(items), batch_size)
         if any(item[key] not in done for item in items[start : start + batch_size])
     ]
     (output / PARTIAL).mkdir(parents=True, exist_ok=True)
-    log = output / PARTIAL / f"rank{state.process_index}.jsonl"
+    log = output / PARTIAL / f"{stage}-rank{state.process_index}.jsonl"
     mine = []
     cut = log.is_file() and log.read_bytes()[-1:] not in (b"", b"\n")  # an interrupted write: start a new line
     with state.split_between_processes(batches) as shard, log.open("a", encoding="utf-8") as handle:

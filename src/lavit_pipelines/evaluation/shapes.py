@@ -12,7 +12,6 @@ Every check is a per-category accuracy in percent; the judges score 100 on the w
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import PIL.Image
 import torch
 
 from ..worlds.shapes import COLORS, LAYOUTS, POSITIONS, SHAPES, Scene, analyze, pair_scene, parse_caption, random_scene, render, single_scene
-from .runner import load_pipelines, write_json
+from .runner import load_pipelines, run_sharded, start_run, write_json
 
 # Question prefix -> category of the shapes world's questions.
 QUESTION_CATEGORIES = {"what color": "color", "how many": "count", "where is": "position", "what shape": "left_shape"}
@@ -87,45 +86,50 @@ def accuracies(judgements: list[dict[str, bool]], prefix: str) -> dict[str, floa
     }
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
-
-
-def run_generation(pipe, scenes: list[Scene], output: Path, seed: int, batch_size: int, **kwargs) -> list[dict]:
+def run_generation(pipe, scenes: list[Scene], output: Path, seed: int, batch_size: int, **kwargs) -> list[dict] | None:
     """Generate one image per scene caption (image i seeded with `seed + i`), save it, judge it."""
-    (output / "generation").mkdir(parents=True, exist_ok=True)
-    records = []
-    for start, batch in _batches(scenes, batch_size):
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        images = pipe([s.caption for s in batch], generator=generators, **kwargs).images
-        for i, (scene, image) in enumerate(zip(batch, images), start):
-            image.save(output / "generation" / f"{i:05d}.png")
-            records.append({"prompt": scene.caption, "image": f"generation/{i:05d}.png", "correct": judge_generation(scene, image)})
-    return records
+    (output / "generation").mkdir(exist_ok=True)
+
+    def predict(batch: list[dict], start: int) -> list[dict]:
+        generators = [torch.Generator().manual_seed(seed + item["index"]) for item in batch]
+        images = pipe([item["scene"].caption for item in batch], generator=generators, **kwargs).images
+        records = []
+        for item, image in zip(batch, images):
+            name = f"generation/{item['index']:05d}.png"
+            image.save(output / name)
+            records.append({"index": item["index"], "prompt": item["scene"].caption, "image": name,
+                            "correct": judge_generation(item["scene"], image)})
+        return records
+
+    items = [{"index": i, "scene": scene} for i, scene in enumerate(scenes)]
+    return run_sharded(items, "index", predict, output, batch_size, stage="generation")
 
 
-def run_captions(pipe, scenes: list[Scene], images: list, seed: int, batch_size: int) -> list[dict]:
-    records = []
-    for start, batch in _batches(list(zip(scenes, images)), batch_size):
-        captions = pipe.caption([image for _, image in batch], generator=torch.Generator().manual_seed(seed + start))
-        for (scene, _), caption in zip(batch, captions):
-            records.append({"reference": scene.caption, "caption": caption, "correct": judge_caption(scene, caption)})
-    return records
+def run_captions(pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int) -> list[dict] | None:
+    def predict(batch: list[dict], start: int) -> list[dict]:
+        captions = pipe.caption([images[item["index"]] for item in batch], generator=torch.Generator().manual_seed(seed + start))
+        return [
+            {"index": item["index"], "reference": scenes[item["index"]].caption, "caption": caption,
+             "correct": judge_caption(scenes[item["index"]], caption)}
+            for item, caption in zip(batch, captions)
+        ]
+
+    return run_sharded([{"index": i} for i in range(len(scenes))], "index", predict, output, batch_size, stage="caption")
 
 
-def run_questions(pipe, scenes: list[Scene], images: list, seed: int, batch_size: int) -> list[dict]:
-    items = [(i, question, answer) for i, scene in enumerate(scenes) for question, answer in scene.questions()]
-    records = []
-    for start, batch in _batches(items, batch_size):
-        answers = pipe.answer(
-            [images[i] for i, _, _ in batch], [q for _, q, _ in batch], generator=torch.Generator().manual_seed(seed + start)
-        )
-        for (i, question, expected), answer in zip(batch, answers):
-            answer = answer.strip().lower()
-            records.append({"scene": i, "question": question, "expected": expected, "answer": answer,
-                            "category": question_category(question), "correct": answer == expected})
-    return records
+def run_questions(pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int) -> list[dict] | None:
+    def predict(batch: list[dict], start: int) -> list[dict]:
+        answers = pipe.answer([images[item["scene"]] for item in batch], [item["question"] for item in batch],
+                              generator=torch.Generator().manual_seed(seed + start))
+        answers = [answer.strip().lower() for answer in answers]
+        return [
+            {**item, "answer": answer, "category": question_category(item["question"]), "correct": answer == item["expected"]}
+            for item, answer in zip(batch, answers)
+        ]
+
+    pairs = [(i, question, expected) for i, scene in enumerate(scenes) for question, expected in scene.questions()]
+    items = [{"index": k, "scene": i, "question": q, "expected": a} for k, (i, q, a) in enumerate(pairs)]
+    return run_sharded(items, "index", predict, output, batch_size, stage="vqa")
 
 
 def evaluate_shapes(
@@ -138,31 +142,36 @@ def evaluate_shapes(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     generation_kwargs: dict | None = None,
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """Evaluate the pipeline folder `model_path` on the shapes world; writes into the folder `output` the generated
-    images (`generation/`), the held-out renders (`scenes/`), `predictions.json` and `metrics.json`.
+    images (`generation/`), the held-out renders (`scenes/`), `predictions.json` and `metrics.json`. Resumable and
+    sharded across `accelerate launch` processes like the other evaluations (`runner.run_sharded`).
 
-    Returns the metrics: `generation/{color,shape,position,all}` (position over one-object prompts),
-    `caption/{parsed,color,shape,position,all}`, `vqa/{color,count,position,left_shape,all}`, in percent, and
-    the counts `num_prompts`, `num_scenes`, `num_questions`.
+    Returns, on the main process (None on the others), the metrics: `generation/{color,shape,position,all}`
+    (position over one-object prompts), `caption/{parsed,color,shape,position,all}`,
+    `vqa/{color,count,position,left_shape,all}`, in percent, and the counts `num_prompts`, `num_scenes`,
+    `num_questions`.
     """
     if num_prompts < 1 or num_scenes < 1:
         raise ValueError(f"`num_prompts` and `num_scenes` must be positive, got {num_prompts} and {num_scenes}.")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    kwargs = generation_kwargs or {}
+    config = {"task": "shapes", "model": str(model_path), "num_prompts": num_prompts, "num_scenes": num_scenes,
+              "seed": seed, "batch_size": batch_size, **kwargs}
+    output = start_run(output, config)
     text2image, understanding = load_pipelines(model_path, device, dtype)
     for pipe in (text2image, understanding):
         pipe.set_progress_bar_config(disable=True)
 
-    generation = run_generation(text2image, generation_scenes(num_prompts, seed), output, seed, batch_size, **(generation_kwargs or {}))
+    generation = run_generation(text2image, generation_scenes(num_prompts, seed), output, seed, batch_size, **kwargs)
     scenes = held_out_scenes(num_scenes, seed)
     images = [render(scene) for scene in scenes]
+    captions = run_captions(understanding, scenes, images, output, seed, batch_size)
+    answers = run_questions(understanding, scenes, images, output, seed, batch_size)
+    if answers is None:
+        return None
     (output / "scenes").mkdir(exist_ok=True)
     for i, image in enumerate(images):
         image.save(output / "scenes" / f"{i:05d}.png")
-    captions = run_captions(understanding, scenes, images, seed, batch_size)
-    answers = run_questions(understanding, scenes, images, seed, batch_size)
-
     metrics = {
         **accuracies([r["correct"] for r in generation], "generation"),
         **accuracies([r["correct"] for r in captions], "caption"),
