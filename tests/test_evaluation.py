@@ -257,6 +257,6 @@ def test_vqa_reads_the_official_vizwiz_and_gqa_formats(data, tmp_path):
     assert (vizwiz[0]["question_id"], vizwiz[0]["answer"], vizwiz[0]["path"]) == (0, ["red"], str(tmp_path / "n7.jpg"))
     gqa = load_vqa_items(tmp_path / "gqa.json", tmp_path, "gqa")
     assert (gqa[0]["question_id"], gqa[0]["answer"]) == ("201", "red")
-    (tmp_path / "answers.json").write_text(json.dumps({"annotations": []}))
+    (tmp_path / "answers.json").write_text(json.dumps({"annotations": [{"question_id": 71, "answers": [{"answer": "red"}]}]}))
     with pytest.raises(ValueError, match="answers.json has no answers for question id 70"):
         load_vqa_items(tmp_path / "questions.json", tmp_path, "vqav2", tmp_path / "answers.json")

@@ -47,21 +47,21 @@ def test_judges_name_what_is_wrong():
 
 def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "shapes"
-    args = ["evaluate", "shapes", "--model", str(tiny_pipeline_path()), "--output", str(out), "--num-prompts", "3",
-            "--num-scenes", "2", "--batch-size", "4", "--steps", "2",
+    args = ["evaluate", "shapes", "--model", str(tiny_pipeline_path()), "--output", str(out), "--num-prompts", "2",
+            "--num-scenes", "1", "--batch-size", "4", "--steps", "2",
             "--max-new-tokens", "16"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(capsys.readouterr().out) == metrics
     predictions = json.loads((out / "predictions.json").read_text())
-    assert [p["prompt"] for p in predictions["generation"]] == [s.caption for s in bench.generation_scenes(3)]
-    assert len(predictions["vqa"]) == metrics["num_questions"] == sum(len(s.questions()) for s in bench.held_out_scenes(2))
-    assert sorted(p.name for p in (out / "generation").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert [p["prompt"] for p in predictions["generation"]] == [s.caption for s in bench.generation_scenes(2)]
+    assert len(predictions["vqa"]) == metrics["num_questions"] == len(bench.held_out_scenes(1)[0].questions())
+    assert sorted(p.name for p in (out / "generation").iterdir()) == ["00000.png", "00001.png"]
     for name in ("generation/all", "caption/all", "vqa/all", "generation/position", "vqa/count"):
         assert 0 <= metrics[name] <= 100
     assert main(args) == 0  # a rerun finds every result in the logs and writes the same metrics
     assert json.loads(capsys.readouterr().out) == metrics
-    assert main([*args, "--num-scenes", "3"]) == 2
+    assert main([*args, "--num-scenes", "2"]) == 2
     assert "other settings (num_scenes)" in capsys.readouterr().err
     assert main(["evaluate", "shapes", "--output", str(tmp_path / "x")]) == 2
     assert "--model is required" in capsys.readouterr().err

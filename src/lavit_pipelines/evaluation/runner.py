@@ -65,8 +65,8 @@ def read_json(path: str | Path, name: str):
 def check_entries(entries, required: tuple[str, ...], path: str | Path, images: Path | None = None) -> None:
     """ValueError naming the file and entry of the first entry without a required key; FileNotFoundError for the
     first entry whose `image` is not a file under `images`."""
-    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-        raise ValueError(f"{path}: expected a JSON list of objects")
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"{path}: expected a non-empty JSON list of objects")
     for index, entry in enumerate(entries):
         missing = [key for key in required if key not in entry]
         if missing:
