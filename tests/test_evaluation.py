@@ -234,6 +234,9 @@ def test_every_evaluation_runs_on_the_converted_checkpoint(converted_dir, data, 
                  "--steps", "2", "--max-new-tokens", "8", "--output", str(tmp_path / "t")]) == 0
     assert json.loads(capsys.readouterr().out)["num_prompts"] == 1
     assert [p.name for p in (tmp_path / "t" / "images").iterdir()] == ["00000.png"]
+    assert main(["evaluate", "shapes", "--model", str(converted_dir), "--num-prompts", "1", "--num-scenes", "1", "--steps", "2",
+                 "--max-new-tokens", "8", "--output", str(tmp_path / "s")]) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == 1
 
 
 def test_vqa_reads_the_official_vizwiz_and_gqa_formats(data, tmp_path):
