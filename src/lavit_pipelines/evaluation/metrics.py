@@ -148,7 +148,9 @@ def caption_scorers(names: tuple[str, ...]) -> list:
     return [scorers[name]() for name in CAPTION_METRICS if name in names]
 
 
-def caption_scores(references: dict[int, list[str]], predictions: dict[int, str], names: tuple[str, ...] = CAPTION_METRICS) -> dict[str, float]:
+def caption_scores(
+    references: dict[int, list[str]], predictions: dict[int, str], names: tuple[str, ...] = CAPTION_METRICS
+) -> dict[str, float]:
     """pycocoevalcap's COCO caption metrics (what `COCOEvalCap.evaluate` computes) over the predicted images: PTB
     tokenisation, then `names` of Bleu (Bleu_1..4), METEOR, ROUGE_L, CIDEr, SPICE. Needs Java."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

@@ -1,9 +1,9 @@
 """What the evaluations share: loading a model folder, atomic JSON output, and a resumable sharded loop.
 
-`run_sharded` cuts the items into fixed batches (the same batches for any number of processes, so the predictions
-do not depend on it), splits the batches between the processes of `accelerate launch`, appends each batch's
-records to the process' own `partial/{stage}-rank{k}.jsonl` as soon as it is done, gathers everything on the main process
-and de-duplicates it by id. A rerun skips the ids already in the partial files (the output folder must be shared
+`run_sharded` cuts the items into fixed batches (the same batches for any number of processes, so the
+predictions do not depend on it), splits the batches between the processes of `accelerate launch`, appends each
+batch's records to the process' own `partial/{stage}-rank{k}.jsonl` as soon as it is done, gathers everything on
+the main process and de-duplicates it by id. A rerun skips the ids already in the partial files (the output folder must be shared
 by the processes); `partial/run.json` records the settings, and a rerun with other settings is refused.
 """
 
@@ -136,12 +136,12 @@ def unique_by(items: list[dict], key: str) -> list[dict]:
 
 def run_sharded(
     items: list[dict], key: str, predict: Callable[[list[dict], int], list[dict]], output: Path, batch_size: int,
-    stage: str = "predictions", progress: bool = True,
+    stage: str = "predictions",
 ) -> list[dict] | None:
     """Run `predict(batch, start)` (`start`: the index of the batch's first item, for seeding) over the `items` with
     distinct `key`s, sharded across processes; each returned record carries its item's `key`. `stage` names the
-    logs (one evaluation may have several stages). Call `start_run` first. Returns, on the main process, one record per distinct id in item order
-    (None on the other processes)."""
+    logs (one evaluation may have several stages). Call `start_run` first. Returns, on the main process, one
+    record per distinct id in item order (None on the other processes)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -159,7 +159,7 @@ def run_sharded(
     cut = log.is_file() and log.read_bytes()[-1:] not in (b"", b"\n")  # an interrupted write: start a new line
     with state.split_between_processes(batches) as shard, log.open("a", encoding="utf-8") as handle:
         handle.write("\n" if cut else "")
-        for start, batch in tqdm(shard, desc="batches", disable=not (progress and state.is_local_main_process)):
+        for start, batch in tqdm(shard, desc="batches", disable=not state.is_local_main_process):
             records = predict(batch, start)
             handle.write("".join(json.dumps(record) + "\n" for record in records))
             handle.flush()

@@ -18,7 +18,9 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..worlds.shapes import COLORS, LAYOUTS, POSITIONS, SHAPES, Scene, analyze, pair_scene, parse_caption, random_scene, render, single_scene
+from ..worlds.shapes import (
+    COLORS, LAYOUTS, POSITIONS, SHAPES, Scene, analyze, pair_scene, parse_caption, random_scene, render, single_scene,
+)
 from .runner import load_pipelines, run_sharded, start_run, write_json
 
 # Question prefix -> category of the shapes world's questions.

@@ -35,7 +35,8 @@ class ClipRanker:
             raise FileNotFoundError(f"--clip: {folder} is not a transformers CLIP folder (no config.json)")
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        processor = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
+        processor_config = folder / "preprocessor_config.json"
+        processor = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
         self.mean = np.array(processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32)
         self.std = np.array(processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32)
         self.size = self.model.config.vision_config.image_size
@@ -49,7 +50,8 @@ class ClipRanker:
     def similarity(self, images: list[PIL.Image.Image], text: str) -> torch.Tensor:
         """(B,) cosine similarity of each image with `text`."""
         device = self.model.device
-        tokens = self.tokenizer([text], padding=True, truncation=True, max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        max_length = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer([text], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         text_features = self.model.get_text_features(**tokens.to(device)).pooler_output
         image_features = self.model.get_image_features(pixel_values=self.pixel_values(images).to(device)).pooler_output
         return torch.nn.functional.cosine_similarity(image_features, text_features).cpu()
