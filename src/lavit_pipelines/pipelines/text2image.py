@@ -11,7 +11,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UN
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -416,6 +415,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             kwargs["encoder_attention_mask"] = rows(conditioning["prompt_attention_mask"])
         return kwargs
 
+    def set_timesteps(self, num_inference_steps: int, device, timesteps=None, sigmas=None) -> torch.Tensor:
+        """The scheduler's timesteps from `num_inference_steps`, or from custom `timesteps` / `sigmas` (checked by
+        `check_schedule`), as diffusers' `retrieve_timesteps` sets them. (That helper lives in diffusers' SDXL pipeline
+        module, whose import pulls in transformers' CLIP image processors and their warnings, so it is not imported.)"""
+        custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+        self.scheduler.set_timesteps(**(custom or {"num_inference_steps": num_inference_steps}), device=device)
+        return self.scheduler.timesteps
+
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """Initial noise (B, C, h/f, w/f), scaled by the scheduler's `init_noise_sigma` (call after setting the
         timesteps: for schedulers such as Euler the sigma depends on them)."""
@@ -569,7 +576,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]
         conditioning = self.prepare_conditioning(self.encode_visual_tokens(visual_token_ids), height, width)
         dtype = conditioning["prompt_embeds"].dtype
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps = self.set_timesteps(num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(len(visual_token_ids), height, width, dtype, device, generator, latents)
         latents = self.denoise(
             latents, conditioning, timesteps, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs
