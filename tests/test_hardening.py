@@ -46,9 +46,20 @@ def t2i(converted_dir):
     return pipe
 
 
+def forbid_tokenizing(monkeypatch, visual_tokenizer) -> None:
+    """The visual tokenizer's entry points (methods, not `forward`, so hooks do not see them) raise too."""
+
+    def run(*_, **__):
+        raise ModelRan("LavitVisualTokenizer")
+
+    for method in ("tokenize", "encode_features"):
+        monkeypatch.setattr(visual_tokenizer, method, run)
+
+
 @pytest.fixture
-def guarded_t2i(t2i):
+def guarded_t2i(t2i, monkeypatch):
     handles = forbid(t2i.language_model, t2i.visual_tokenizer, t2i.pixel_decoder, t2i.unet, t2i.vae)
+    forbid_tokenizing(monkeypatch, t2i.visual_tokenizer)
     yield t2i
     for handle in handles:
         handle.remove()
@@ -62,8 +73,9 @@ def understanding(converted_dir):
 
 
 @pytest.fixture
-def guarded_understanding(understanding):
+def guarded_understanding(understanding, monkeypatch):
     handles = forbid(understanding.language_model, understanding.visual_tokenizer)
+    forbid_tokenizing(monkeypatch, understanding.visual_tokenizer)
     yield understanding
     for handle in handles:
         handle.remove()
