@@ -71,15 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES)
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
-    add_evaluate_parser(commands, common)
+    add_evaluate_parser(commands)
     return parser
 
 
-def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
+def add_evaluate_parser(commands) -> None:
     """`lavit evaluate {caption,vqa,t2i,shapes}`: the benchmarks of `lavit_pipelines.evaluation`."""
     evaluate = commands.add_parser("evaluate", help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)")
     tasks = evaluate.add_subparsers(dest="task", required=True)
-    data = argparse.ArgumentParser(add_help=False, parents=[common])
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", required=True, help="the converted LaVIT folder (or Hub repo id) to evaluate")
+    model.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    model.add_argument("--device", help="default: cuda if available; under accelerate launch, each process' device")
+    model.add_argument("--seed", type=int, default=0, help="base seed of the batches (see docs/evaluation.md)")
+    data = argparse.ArgumentParser(add_help=False, parents=[model])
     data.add_argument("--annotations", required=True, help="annotation JSON (see docs/evaluation.md)")
     data.add_argument("--images", default=".", help="folder the annotations' image paths are relative to (default: .)")
     data.add_argument("--output", required=True, help="results folder: predictions.json, metrics.json (a rerun resumes)")
@@ -105,7 +110,7 @@ def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
     t2i.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
     t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
 
-    shapes = tasks.add_parser("shapes", parents=[common], help="generation, caption and VQA accuracy on the shapes world")
+    shapes = tasks.add_parser("shapes", parents=[model], help="generation, caption and VQA accuracy on the shapes world")
     shapes.add_argument("--output", required=True, help="folder for the images, predictions.json and metrics.json")
     shapes.add_argument("--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)")
     shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
@@ -307,8 +312,6 @@ def run_evaluate(args) -> None:
 
     from .evaluation.runner import process_state
 
-    if not args.model:
-        raise UsageError("--model is required: a converted LaVIT folder or Hub repo id")
     state = process_state()
     device, dtype = resolve_device_and_dtype(args)
     device = args.device or (str(state.device) if state.num_processes > 1 else device)
