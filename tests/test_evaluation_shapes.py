@@ -4,6 +4,8 @@ end-to-end run on the embedded tiny model through the CLI."""
 import json
 from collections import Counter
 
+import pytest
+
 from lavit_pipelines.cli import main
 from lavit_pipelines.evaluation import shapes as bench
 from lavit_pipelines.tiny import tiny_pipeline_path
@@ -63,5 +65,6 @@ def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*args, "--num-scenes", "2"]) == 2
     assert "other settings (num_scenes)" in capsys.readouterr().err
-    assert main(["evaluate", "shapes", "--output", str(tmp_path / "x")]) == 2
-    assert "--model is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "shapes", "--output", str(tmp_path / "x")])
+    assert "the following arguments are required: --model" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
     add_train_parser(commands)
-    add_evaluate_parser(commands, common)
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -119,13 +119,18 @@ def add_train_parser(commands) -> None:
             train.add_argument(flag, type=kind, default=default, help=" ")
 
 
-def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
+def add_evaluate_parser(commands) -> None:
     """`lavit evaluate {caption,vqa,t2i,shapes}`: the benchmarks of `lavit_pipelines.evaluation`."""
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter, help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)")
     tasks = evaluate.add_subparsers(dest="task", required=True)
-    data = argparse.ArgumentParser(add_help=False, parents=[common])
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", required=True, help="the converted LaVIT folder (or Hub repo id) to evaluate")
+    model.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    model.add_argument("--device", help="default: cuda if available; under accelerate launch, each process' device")
+    model.add_argument("--seed", type=int, default=0, help="base seed of the batches (see docs/evaluation.md)")
+    data = argparse.ArgumentParser(add_help=False, parents=[model])
     data.add_argument("--annotations", required=True, help="annotation JSON (see docs/evaluation.md)")
-    data.add_argument("--images", default=".", help="folder the annotations' image paths are relative to (default: .)")
+    data.add_argument("--images", default=".", help="folder the annotations' image paths are relative to")
     data.add_argument("--output", required=True, help="results folder: predictions.json, metrics.json (a rerun resumes)")
     data.add_argument("--limit", type=positive_int, help="evaluate only the first N entries")
 
@@ -133,7 +138,7 @@ def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
     cap.add_argument("--ground-truth", required=True, help="COCO-format caption file")
     cap.add_argument("--batch-size", type=positive_int, default=8)
     cap.add_argument("--metrics", nargs="+", default=["Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
-                     choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"), help="pycocoevalcap metrics (default: all)")
+                     choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"), help="pycocoevalcap metrics")
     vqa = tasks.add_parser("vqa", formatter_class=HelpFormatter, parents=[data], help="VQA: VQAv2, OK-VQA, VizWiz, GQA")
     vqa.add_argument("--dataset", choices=("vqav2", "okvqa", "vizwiz", "gqa"), default="vqav2")
     vqa.add_argument("--ground-truth", help="official VQA annotations, when --annotations is an official questions file")
@@ -149,7 +154,7 @@ def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
     t2i.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
     t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
 
-    shapes = tasks.add_parser("shapes", formatter_class=HelpFormatter, parents=[common], help="generation, caption and VQA accuracy on the shapes world")
+    shapes = tasks.add_parser("shapes", formatter_class=HelpFormatter, parents=[model], help="generation, caption and VQA accuracy on the shapes world")
     shapes.add_argument("--output", required=True, help="folder for the images, predictions.json and metrics.json")
     shapes.add_argument("--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)")
     shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
@@ -429,8 +434,6 @@ def run_evaluate(args) -> None:
 
     from .evaluation.runner import process_state
 
-    if not args.model:
-        raise UsageError("--model is required: a converted LaVIT folder or Hub repo id")
     state = process_state()
     device, dtype = resolve_device_and_dtype(args)
     device = args.device or (str(state.device) if state.num_processes > 1 else device)
