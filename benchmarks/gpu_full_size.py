@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 
 RELEASE_CONFIGS = Path(__file__).resolve().parent / "release-configs"
 # DESIGN.md §6 floors (one H100) and the targets of issue 5.
@@ -128,11 +129,10 @@ def main() -> None:
     codes = pipe.generate_visual_tokens("a duck", **sampling, **decoding)
     decoded = pipe.encode_visual_tokens(codes)
     pipe._guidance_scale = 7.0
-    hidden, unet_kwargs = pipe._unet_conditioning(decoded, size, size)
+    unet_kwargs = pipe.unet_inputs(pipe.prepare_conditioning(decoded, size, size), guided=True, batch_size=1)
     latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
-    step_s = timed(lambda: pipe.unet(latents, t, encoder_hidden_states=hidden, **unet_kwargs, return_dict=False),
-                   device, args.repeats)
+    step_s = timed(lambda: pipe.unet(latents, t, **unet_kwargs, return_dict=False), device, args.repeats)
     image_s = timed(lambda: pipe("a duck", height=size, width=size, num_inference_steps=args.steps, output_type="pt",
                                  llm_decoding_kwargs=decoding, **sampling), device, args.repeats)
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
@@ -142,6 +142,7 @@ def main() -> None:
     name = "tiny dims on CPU (logic check only; floors do not apply)" if args.tiny else torch.cuda.get_device_name()
     print(f"{name}; {dtype}; {args.tokens} visual tokens; {args.steps} steps at {size}²; decoding {decoding}; "
           f"UNet compiled: {args.compile_unet}; medians of {args.repeats}")
+    print(describe_machine())
     print("| metric | measured | floor (H100, DESIGN §6) | target |")
     print("|---|---:|---:|---:|")
     for key, value in measured.items():

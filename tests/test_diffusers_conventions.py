@@ -148,3 +148,18 @@ def test_vae_slicing_keeps_the_result(pipe):
         assert np.abs(pipe(**inputs(batch=2)).images - expected).max() < 1e-5
     finally:
         pipe.vae.disable_slicing()
+
+
+def test_generic_diffusion_pipeline_loader_runs_nothing_from_the_folder(pipe, tmp_path):
+    """docs/loading.md: diffusers 0.42 looks `_class_name` up in `diffusers` only; a converted folder holds no
+    Python file and a plain `_class_name`, so neither loader imports code from it."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "LavitText2ImagePipeline" and not list(tmp_path.rglob("*.py"))
+    with pytest.raises(AttributeError, match="LavitText2ImagePipeline"):
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(LavitText2ImagePipeline.from_pretrained(tmp_path)) is LavitText2ImagePipeline
