@@ -94,13 +94,13 @@ def caption_runs(folder: Path) -> bool:
 
 
 def test_resume_equals_an_uninterrupted_run(training_base, training_data, tmp_path):
-    """Gradient accumulation, two epochs, codebook k-means/EMA/dead codes: stopped after the checkpoint at
-    step 2 and resumed, the run ends with the same weights and losses."""
-    common = dict(batch_size=2, gradient_accumulation_steps=2, checkpointing_steps=2, dead_code_threshold=0.5)
+    """Gradient accumulation, two epochs (4 batches each), codebook k-means/EMA/dead codes: stopped after the
+    checkpoint at step 3 (mid-epoch) and resumed, the run ends with the same weights and losses."""
+    common = dict(batch_size=2, gradient_accumulation_steps=2, checkpointing_steps=3, dead_code_threshold=0.5)
     whole = train(stage_config("visual-tokenizer", training_base, training_data, tmp_path / "whole", max_steps=5, **common))
-    part = stage_config("visual-tokenizer", training_base, training_data, tmp_path / "part", max_steps=3, **common)
+    part = stage_config("visual-tokenizer", training_base, training_data, tmp_path / "part", max_steps=4, **common)
     train(part)
-    for leftover in ("checkpoint-3", "visual_tokenizer", "model_index.json"):  # as if stopped after step 2
+    for leftover in ("checkpoint-4", "visual_tokenizer", "model_index.json"):  # as if stopped after step 3
         path = tmp_path / "part" / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     part.max_steps, part.resume_from_checkpoint = 5, "latest"

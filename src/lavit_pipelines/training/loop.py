@@ -158,10 +158,10 @@ def write_pipeline_folder(model: Path, output: Path, trained: dict) -> None:
 
 
 def rewrite_logs(path: Path, last_step: int) -> None:
-    """Keep the log lines up to `last_step` (a resumed run appends from there)."""
+    """Keep the log lines up to `last_step` (a resumed run appends from there; from step 0, none)."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+        path.write_text("".join(line + "\n" for line in lines) if last_step else "")
 
 
 def prune_checkpoints(output: Path, limit: int | None) -> None:
@@ -170,6 +170,29 @@ def prune_checkpoints(output: Path, limit: int | None) -> None:
     found = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
     for old in found[: max(len(found) - limit, 0)]:
         shutil.rmtree(old)
+
+
+def batches_from(dataloader, accelerator: Accelerator, seen: int):
+    """Yield (epoch, batch) endlessly, continuing after the `seen` batches of the run so far (the order of an
+    epoch is fixed by the seeded sampler, so the skipped batches are exactly those already trained on)."""
+    epoch, skip = divmod(seen, len(dataloader))
+    while True:
+        dataloader.set_epoch(epoch)
+        yield from ((epoch, batch) for batch in (accelerator.skip_first_batches(dataloader, skip) if skip else dataloader))
+        epoch, skip = epoch + 1, 0
+
+
+def append_log(output: Path, row: dict) -> None:
+    with open(output / LOGS, "a") as logs:
+        logs.write(json.dumps(row) + "\n")
+
+
+def save_checkpoint(accelerator: Accelerator, output: Path, step: int, limit: int | None) -> None:
+    """`OUT/checkpoint-<step>` with accelerate's `save_state`, keeping the newest `limit`."""
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(output / f"{CHECKPOINT_PREFIX}{step}"))
+    if accelerator.is_main_process:
+        prune_checkpoints(output, limit)
 
 
 def to_number(value) -> float | int:
@@ -196,7 +219,6 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     cast_training_params(stage.module, torch.float32)
     data = IndexedDataset(dataset, stage.transform, config.image_column, config.text_column)
     dataloader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
-    validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])
     optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -214,50 +236,38 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         (output / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
         rewrite_logs(output / LOGS, step)
     logging_steps = 1 if config.max_steps <= 100 else config.logging_steps
-    batches_per_epoch = len(dataloader)
     progress = tqdm(range(config.max_steps), initial=step, desc=f"train {config.stage}",
                     disable=not accelerator.is_local_main_process)
+    if config.validation_steps:  # a fixed batch: the first examples
+        validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])
     if config.validation_steps and step == 0 and accelerator.is_main_process:
         validate(stage, accelerator, validation_batch, 0, output)  # the baseline
-    seen = step * config.gradient_accumulation_steps
-    epoch = seen // batches_per_epoch
-    while step < config.max_steps:
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if seen > epoch * batches_per_epoch:
-            batches = accelerator.skip_first_batches(dataloader, seen - epoch * batches_per_epoch)
-        for batch in batches:
-            generators = example_generators(config.seed, epoch, batch["index"].tolist())
-            with accelerator.accumulate(module):
-                module.train()
-                out = module(batch, generators, step)
-                accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(stage.parameters_to_train(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            seen += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            stage.after_optimizer_step(step)
-            metrics = {k: to_number(accelerator.reduce(v.detach().float(), "mean")) for k, v in out.items()}
-            progress.set_postfix(loss=metrics["loss"])
-            if accelerator.is_main_process and (step % logging_steps == 0 or step == config.max_steps):
-                with open(output / LOGS, "a") as logs:
-                    logs.write(json.dumps({"step": step, **metrics, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
-            if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
-                validate(stage, accelerator, validation_batch, step, output)
-            if step % config.checkpointing_steps == 0 or step == config.max_steps:
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(output / f"{CHECKPOINT_PREFIX}{step}"))
-                if accelerator.is_main_process:
-                    prune_checkpoints(output, config.checkpoints_total_limit)
-            if step >= config.max_steps:
-                break
-        epoch += 1
+    for epoch, batch in batches_from(dataloader, accelerator, step * config.gradient_accumulation_steps):
+        generators = example_generators(config.seed, epoch, batch["index"].tolist())
+        with accelerator.accumulate(module):
+            module.train()
+            out = module(batch, generators, step)
+            accelerator.backward(out["loss"])
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(stage.parameters_to_train(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        stage.after_optimizer_step(step)
+        metrics = {k: to_number(accelerator.reduce(v.detach().float(), "mean")) for k, v in out.items()}
+        progress.set_postfix(loss=metrics["loss"])
+        if accelerator.is_main_process and (step % logging_steps == 0 or step == config.max_steps):
+            append_log(output, {"step": step, **metrics, "lr": lr_scheduler.get_last_lr()[0]})
+        if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
+            validate(stage, accelerator, validation_batch, step, output)
+        if step % config.checkpointing_steps == 0 or step == config.max_steps:
+            save_checkpoint(accelerator, output, step, config.checkpoints_total_limit)
+        if step >= config.max_steps:
+            break
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -274,5 +284,4 @@ def validate(stage: Stage, accelerator: Accelerator, batch: dict, step: int, out
     generators = example_generators(stage.config.seed, VALIDATION_EPOCH, batch["index"].tolist())
     with accelerator.autocast():
         metrics = stage.validate(batch, generators, step, output / "validation")
-    with open(output / LOGS, "a") as logs:
-        logs.write(json.dumps({"step": step, **{k: to_number(v) for k, v in metrics.items()}}) + "\n")
+    append_log(output, {"step": step, **{k: to_number(v) for k, v in metrics.items()}})
