@@ -8,7 +8,6 @@ Without --model, the shipped demo weights (`lavit_pipelines.default_model_path()
 
 import argparse
 import json
-import platform
 import tempfile
 import textwrap
 import time
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
-import torch
 
 from lavit_pipelines.evaluation.shapes import evaluate_shapes
+from machine import describe_machine
 
 CELL, TEXT_HEIGHT, LINE = 128, 44, 14
 
@@ -30,15 +29,6 @@ def default_model() -> Path | None:
         return None
     path = Path(default_model_path())
     return path if path.exists() else None
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def draw_grid(output: Path, records: list[dict], columns: int) -> PIL.Image.Image:
@@ -71,7 +61,7 @@ def main() -> None:
     if args.model is None:
         parser.error("--model is required: no shipped demo model in this installation")
 
-    print(f"torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
+    print(describe_machine())
     with tempfile.TemporaryDirectory() as scratch:
         output = args.output or Path(scratch)
         start = time.perf_counter()
