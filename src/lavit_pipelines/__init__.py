@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .demo import default_model_path
 from .image_processor import LavitImageProcessor
 from .models import (
     LavitConfig,
@@ -32,5 +33,6 @@ __all__ = [
     "LavitPixelDecoderOutput",
     "LavitVisualTokenizer",
     "__version__",
+    "default_model_path",
     "load_lavit_tokenizer",
 ]

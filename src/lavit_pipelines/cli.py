@@ -1,7 +1,8 @@
 """`lavit`: generate, caption, ask, reconstruct and convert from the command line.
 
-Without `--model`, a tiny LaVIT with random weights is built in code (cached after the first run): it
-draws noise and is there to try the machinery. Real images need the converted release checkpoint.
+Without `--model`, the embedded demo LaVIT (`lavit_pipelines.default_model_path()`) runs: a small model trained
+on the shapes world (coloured circles, squares and triangles on white). Real images need the converted release
+checkpoint.
 """
 
 import argparse
@@ -9,10 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-TINY_NOTICE = (
-    "note: no --model given, using the embedded tiny LaVIT with random weights: it draws noise and is for trying "
-    "the machinery. For real images convert the release: lavit convert rain1011/LaVIT-7B-v2 lavit-7b-v2"
-)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,7 +27,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded tiny model)")
+    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
     common.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
     common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     common.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
@@ -52,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=7.0, help="decoder guidance")
     gen.add_argument("--llm-guidance-scale", type=float, help="visual-token guidance (default 4.0, 5.0 with images)")
     gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
+    gen.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
 
     cap = commands.add_parser("caption", parents=[common], help="image -> caption")
     cap.add_argument("image")
@@ -151,14 +148,10 @@ def resolve_device_and_dtype(args):
 
 
 def load_pipeline(pipeline_cls, args, device=None, **kwargs):
-    """The pipeline from --model (or the embedded tiny model), on --device in --dtype."""
-    if args.model:
-        source = args.model
-    else:
-        from .tiny import tiny_pipeline_path
+    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+    from .demo import default_model_path
 
-        print(TINY_NOTICE, file=sys.stderr)
-        source = tiny_pipeline_path()
+    source = args.model or default_model_path()
     default_device, dtype = resolve_device_and_dtype(args)
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
     if args.cpu_offload:
@@ -190,7 +183,6 @@ def generation_kwargs(args) -> dict:
     return dict(
         height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         llm_guidance_scale=args.llm_guidance_scale, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=min(20, args.max_new_tokens),
     )
 
 
