@@ -47,3 +47,49 @@ def converted_lowres_dir(checkpoint_dir: Path, tmp_path_factory) -> Path:
     from lavit_pipelines.conversion import convert
 
     return convert(str(checkpoint_dir), str(tmp_path_factory.mktemp("converted") / "lavit-tiny-lowres"), "lowres")
+
+
+@pytest.fixture(scope="session")
+def training_base(tmp_path_factory) -> Path:
+    """A tiny pipeline folder for training tests: the tiny components with a smaller visual tokenizer
+    (56² images, 16 patches, width 88)."""
+    import torch
+
+    from lavit_pipelines import LavitText2ImagePipeline, LavitVisualTokenizer
+    from lavit_pipelines.tiny import CODEBOOK_SIZE, LLM_HIDDEN, build_tiny_components
+
+    components = build_tiny_components()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        components["visual_tokenizer"] = LavitVisualTokenizer(
+            image_size=56, hidden_size=88, encoder_layers=1, encoder_mlp_dim=64, merger_layers=1, merger_mlp_dim=64,
+            codebook_size=CODEBOOK_SIZE, codebook_dim=32, llm_hidden_size=LLM_HIDDEN,
+        )
+    components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
+    folder = tmp_path_factory.mktemp("training") / "base"
+    LavitText2ImagePipeline(**components).save_pretrained(folder)
+    return folder
+
+
+def write_image_folder(folder: Path, count: int = 8, seed: int = 0) -> Path:
+    """`count` 64² images (a coloured square on a plain background) and their captions in metadata.jsonl."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[...] = rng.integers(0, 255, 3)
+        x, y = rng.integers(0, 40, 2)
+        pixels[y : y + 24, x : x + 24] = rng.integers(0, 255, 3)
+        PIL.Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a red car number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("training") / "data")

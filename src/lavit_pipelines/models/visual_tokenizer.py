@@ -42,18 +42,23 @@ class TokenMerger(nn.Module):
         self.input_norm = FP32LayerNorm(dim, eps=eps)
         self.blocks = nn.ModuleList(SelfCrossBlock(dim, num_heads, mlp_dim, eps) for _ in range(num_layers))
         self.output_norm = FP32LayerNorm(dim, eps=eps)
+        self.gradient_checkpointing = False
 
     def forward(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """features: (B, N, C), keep: (B, N) bool -> merged features (B, N, C)."""
+        """features: (B, N, C), keep: (B, N) bool, or 0/1 floats carrying gradients (training) -> merged (B, N, C)."""
         n = features.shape[1]
-        eye = torch.eye(n, dtype=torch.bool, device=keep.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
-        self_attention = masked_softmax_attention(((keep[:, None, None, :] | eye) & causal).float())
-        cross_attention = masked_softmax_attention((~keep)[:, None, None, :].float())
+        keep = keep[:, None, None, :].float()
+        eye = torch.eye(n, device=keep.device)
+        causal = torch.ones(n, n, device=keep.device).tril()
+        self_attention = masked_softmax_attention(torch.maximum(keep, eye) * causal)
+        cross_attention = masked_softmax_attention(1 - keep)
         context = self.input_norm(features)
         x = features
         for block in self.blocks:
-            x = block(x, context, self_attention, cross_attention)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, self_attention, cross_attention)
+            else:
+                x = block(x, context, self_attention, cross_attention)
         return self.output_norm(x)
 
 
@@ -71,20 +76,21 @@ class NearestCodebook(nn.Module):
         return distances.argmin(dim=1)
 
 
-def sample_keep_mask(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
-    """Gumbel-max over (keep, drop): logprobs (B, N, 2) -> keep (B, N) bool.
-
-    The noise is one `exponential_()` draw of shape (B, N, 2) (what `F.gumbel_softmax` draws), from
-    `generator` (one, or a list with one per image) or the global RNG.
-    """
+def gumbel_noise(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
+    """Gumbel noise shaped like logprobs (B, N, 2): `-log` of one `exponential_()` draw (what
+    `F.gumbel_softmax` draws), from `generator` (one, or a list with one per image) or the global RNG."""
     generators = generator if isinstance(generator, list) else [generator]
     rows = [logprobs] if len(generators) == 1 else logprobs.split(1)
     draws = []
     for rows_i, gen in zip(rows, generators, strict=True):
         device = gen.device if gen is not None else rows_i.device
         draws.append(torch.empty(rows_i.shape, dtype=rows_i.dtype, device=device).exponential_(generator=gen))
-    exponential = torch.cat(draws).to(logprobs.device)
-    return (logprobs - exponential.log()).argmax(dim=-1) == 0
+    return -torch.cat(draws).to(logprobs.device).log()
+
+
+def sample_keep_mask(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
+    """Gumbel-max over (keep, drop): logprobs (B, N, 2) -> keep (B, N) bool."""
+    return (logprobs + gumbel_noise(logprobs, generator)).argmax(dim=-1) == 0
 
 
 def split_per_image(rows: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
@@ -101,6 +107,7 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
     """
 
     _keep_in_fp32_modules = ["token_predictor", "understanding_predictor"]
+    _supports_gradient_checkpointing = True
     _no_split_modules = ["EvaBlock", "SelfCrossBlock"]
 
     @register_to_config

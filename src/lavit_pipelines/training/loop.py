@@ -1,0 +1,258 @@
+"""The accelerate training loop every stage shares.
+
+A stage (see `Stage`) owns a `module` whose forward takes `(batch, generators, step)` and returns a dict
+with `loss` and metrics. The loop prepares it with accelerate (DDP/FSDP/DeepSpeed from the launch config,
+mixed precision, gradient accumulation), saves `OUT/checkpoint-<step>` with `save_state`, resumes with
+`load_state` and skips the batches already seen, logs to `OUT/logs.jsonl` and a progress bar, validates at
+intervals and finally writes the trained pipeline folder.
+
+Randomness of an example (Gumbel noise, diffusion noise and timestep, dropout decisions) comes from a
+generator seeded by (seed, epoch, example index): a run is reproducible, a resumed run equals an
+uninterrupted one, and the result does not depend on how the batch is split across processes.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from .config import TrainingConfig
+from .data import IndexedDataset, collate, load_image_text_dataset
+
+logger = get_logger(__name__)
+LOGS = "logs.jsonl"
+CONFIG = "training_config.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+STAGING = ".pipeline-staging"
+VALIDATION_EPOCH = 2**32 - 1  # seeds the fixed validation batch apart from every training epoch
+
+
+class Stage:
+    """What a stage gives the loop. Subclasses set `module`, `components` (pipeline component name ->
+    model, what the stage changes or needs) and `trained_components` (the names it writes)."""
+
+    needed_components: tuple[str, ...] = ()
+    trained_components: tuple[str, ...] = ()
+
+    def __init__(self, config: TrainingConfig, components: dict, accelerator: Accelerator):
+        self.config, self.components, self.accelerator = config, components, accelerator
+
+    def transform(self, image, text: str) -> dict:
+        """One PIL image and its text -> the tensors (and text) of one example."""
+        raise NotImplementedError
+
+    def parameters_to_train(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Hook after each optimizer step (e.g. an EMA of the weights)."""
+
+    def validate(self, batch: dict, generators: list, step: int, folder: Path) -> dict:
+        """Metrics (and files written into `folder`, created on demand) on the fixed validation batch;
+        default: the loss, without any update."""
+        with torch.no_grad():
+            out = self.module(batch, generators, step)
+        return {"validation_loss": float(out["loss"])}
+
+    def finish(self, output: Path) -> dict:
+        """The trained components to write into the pipeline folder, after any LoRA files are saved."""
+        return {name: self.components[name] for name in self.trained_components}
+
+
+def example_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
+    """One CPU generator per example, seeded by (seed, epoch, example index)."""
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, int(i)]).generate_state(1)[0]))
+        for i in indices
+    ]
+
+
+def check_output(output: Path, model: Path, resume: str | None) -> None:
+    """The output folder must be new, empty, or (with resume) hold one of our runs; never the BASE folder."""
+    if output.resolve() == model.resolve():
+        raise ValueError(f"`output` must differ from `model` ({output}); the base folder is never overwritten.")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"`output`: {output} exists and is not a folder.")
+    entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if not entries:
+        return
+    ours = resume is not None and (output / CONFIG).is_file()
+    if not ours:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"`output`: {output} already holds files ({shown}); choose a new or empty folder, or pass "
+            f"resume_from_checkpoint to continue the run it holds."
+        )
+
+
+def find_checkpoint(output: Path, resume: str | None) -> Path | None:
+    """`latest` -> the newest `checkpoint-<step>` in output (None if there is none); a path -> that folder."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"`resume_from_checkpoint`: no checkpoint folder {resume!r}.")
+        return path
+    found = [p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if found else None
+
+
+def load_components(model: Path, names: tuple[str, ...]) -> dict:
+    """The named components of the BASE pipeline folder (others are not loaded)."""
+    from ..pipelines.text2image import LavitText2ImagePipeline
+
+    index = json.loads((model / "model_index.json").read_text())
+    skipped = {name: None for name in LavitText2ImagePipeline.component_names() if name not in names}
+    missing = [name for name in names if index.get(name, [None])[0] is None]
+    if missing:
+        raise ValueError(f"`model`: {model} has no {', '.join(missing)} component, which this stage trains or needs.")
+    pipe = LavitText2ImagePipeline.from_pretrained(model, load_visual_tokenizer="visual_tokenizer" in names, **skipped)
+    return {name: getattr(pipe, name) for name in names}
+
+
+def write_pipeline_folder(model: Path, output: Path, trained: dict) -> None:
+    """OUT becomes a complete pipeline folder: the trained components saved, the others copied from BASE.
+    Written into a staging folder first, then moved into place."""
+    staging = output / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    index = json.loads((model / "model_index.json").read_text())
+    for name, entry in index.items():
+        if name.startswith("_") or entry[0] is None:
+            continue
+        if name in trained:
+            trained[name].save_pretrained(staging / name)
+        else:
+            shutil.copytree(model / name, staging / name)
+    shutil.copy2(model / "model_index.json", staging / "model_index.json")
+    for entry in staging.iterdir():
+        target = output / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+def rewrite_logs(path: Path, last_step: int) -> None:
+    """Keep the log lines up to `last_step` (a resumed run appends from there)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def prune_checkpoints(output: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    found = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    for old in found[: max(len(found) - limit, 0)]:
+        shutil.rmtree(old)
+
+
+def to_number(value) -> float | int:
+    value = value.item() if isinstance(value, torch.Tensor) else value
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
+    """Train one stage; returns OUT (a complete pipeline folder)."""
+    model, output = Path(config.model), Path(config.output)
+    check_output(output, model, config.resume_from_checkpoint)
+    dataset = load_image_text_dataset(config.data, config.image_column, config.text_column)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(output)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(config.seed)
+    stage = stage_cls(config, load_components(model, stage_cls.needed_components), accelerator)
+    data = IndexedDataset(dataset, stage.transform, config.image_column, config.text_column)
+    dataloader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
+    validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])
+    optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
+    module, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage.module, optimizer, dataloader, lr_scheduler)
+
+    step = 0
+    checkpoint = find_checkpoint(output, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+        rewrite_logs(output / LOGS, step)
+    logging_steps = 1 if config.max_steps <= 100 else config.logging_steps
+    batches_per_epoch = len(dataloader)
+    progress = tqdm(range(config.max_steps), initial=step, desc=f"train {config.stage}",
+                    disable=not accelerator.is_local_main_process)
+    seen = step * config.gradient_accumulation_steps
+    epoch = seen // batches_per_epoch
+    while step < config.max_steps:
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if seen > epoch * batches_per_epoch:
+            batches = accelerator.skip_first_batches(dataloader, seen - epoch * batches_per_epoch)
+        for batch in batches:
+            generators = example_generators(config.seed, epoch, batch["index"].tolist())
+            with accelerator.accumulate(module):
+                module.train()
+                out = module(batch, generators, step)
+                accelerator.backward(out["loss"])
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(stage.parameters_to_train(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            seen += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            stage.after_optimizer_step(step)
+            metrics = {k: to_number(accelerator.reduce(v.detach().float(), "mean")) for k, v in out.items()}
+            progress.set_postfix(loss=metrics["loss"])
+            if accelerator.is_main_process and (step % logging_steps == 0 or step == config.max_steps):
+                with open(output / LOGS, "a") as logs:
+                    logs.write(json.dumps({"step": step, **metrics, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
+            if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
+                validate(stage, accelerator, validation_batch, step, output)
+            if step % config.checkpointing_steps == 0 or step == config.max_steps:
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(output / f"{CHECKPOINT_PREFIX}{step}"))
+                if accelerator.is_main_process:
+                    prune_checkpoints(output, config.checkpoints_total_limit)
+            if step >= config.max_steps:
+                break
+        epoch += 1
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_pipeline_folder(model, output, stage.finish(output))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output
+
+
+def validate(stage: Stage, accelerator: Accelerator, batch: dict, step: int, output: Path) -> None:
+    """Metrics on the fixed validation batch, appended to logs.jsonl."""
+    module = accelerator.unwrap_model(stage.module)
+    module.eval()
+    generators = example_generators(stage.config.seed, VALIDATION_EPOCH, batch["index"].tolist())
+    with accelerator.autocast():
+        metrics = stage.validate(batch, generators, step, output / "validation")
+    with open(output / LOGS, "a") as logs:
+        logs.write(json.dumps({"step": step, **{k: to_number(v) for k, v in metrics.items()}}) + "\n")
