@@ -66,33 +66,41 @@ class CaptionEncoder(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """CLIP on this world: the image embedding is the mean of the ViT's last patch features (so that every
-    patch feature, the visual tokenizer's input, carries what the captions say), projected; the caption
-    embedding comes from `CaptionEncoder`. Everything but the ViT is thrown away after training."""
+    """CLIP on this world, plus a local objective. The image embedding is the mean of the ViT's last patch
+    features, projected; the caption embedding comes from `CaptionEncoder`. Each patch feature also predicts
+    its own patch's pixels through a linear head, which keeps the features local (without it every patch
+    feature becomes the same global summary, and the visual tokenizer then gives one repeated code per
+    image). Everything but the ViT is thrown away after training."""
 
     def __init__(self, encoder: EvaVisionEncoder, vocab_size: int, embed_dim: int = 128):
         super().__init__()
-        dim = encoder.patch_embedding.out_channels
+        dim, patch = encoder.patch_embedding.out_channels, encoder.patch_embedding.kernel_size[0]
         self.encoder = encoder
         self.image_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
+        self.pixel_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 3 * patch * patch))
         self.text_encoder = CaptionEncoder(vocab_size, dim)
         self.text_head = nn.Linear(dim, embed_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def loss(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE where every pair with the same caption (`same`: (B, B) bool) counts as a positive."""
-        image = F.normalize(self.image_head(self.encoder(pixel_values)[:, 1:].mean(1)), dim=-1)
+    def loss(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor) -> tuple:
+        """(contrastive, pixel) losses. Contrastive: symmetric InfoNCE where every pair with the same caption
+        (`same`: (B, B) bool) counts as a positive. Pixel: squared error of each patch's predicted pixels."""
+        features = self.encoder(pixel_values)[:, 1:]
+        image = F.normalize(self.image_head(features.mean(1)), dim=-1)
         text = F.normalize(self.text_head(self.text_encoder(ids, mask)), dim=-1)
         logits = self.log_scale.exp().clamp(max=100) * image @ text.T
         targets = same.float() / same.sum(1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        patch = self.encoder.patch_embedding.kernel_size[0]
+        patches = F.unfold(pixel_values, patch, stride=patch).transpose(1, 2)  # (B, N, 3·p·p)
+        return contrastive, (self.pixel_head(features) - patches).pow(2).mean()
 
 
 def train_vision_encoder(
     encoder: EvaVisionEncoder, processor: LavitImageProcessor, tokenizer, images: torch.Tensor, captions: list[str],
     steps: int, batch_size: int, learning_rate: float, seed: int, log=print,
 ) -> EvaVisionEncoder:
-    """Train `encoder` in place, CLIP-style, on (image, caption) pairs; returns it in eval mode."""
+    """Train `encoder` in place on (image, caption) pairs (see `ContrastiveModel`); returns it in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ContrastiveModel(encoder, len(tokenizer)).train()
@@ -108,14 +116,15 @@ def train_vision_encoder(
         batch = torch.randint(len(images), (batch_size,), generator=generator)
         pixels = (images[batch].float() / 255 - mean) / std
         same = caption_ids[batch][:, None] == caption_ids[batch][None, :]
-        loss = model.loss(pixels, ids[batch], mask[batch], same)
+        contrastive, pixel = model.loss(pixels, ids[batch], mask[batch], same)
         optimizer.zero_grad()
-        loss.backward()
+        (contrastive + pixel).backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(contrastive=f"{contrastive.item():.3f}", pixel=f"{pixel.item():.3f}")
         if step % 50 == 0 or step == steps - 1:
-            log({"stage": "vision-encoder", "step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1)})
+            log({"stage": "vision-encoder", "step": step, "contrastive_loss": round(contrastive.item(), 4),
+                 "pixel_loss": round(pixel.item(), 4), "seconds": round(time.time() - start, 1)})
     return encoder.eval()
 
 
@@ -138,7 +147,7 @@ def train_vae(
     seed: int, crop_size: int = 32, log=print,
 ) -> AutoencoderKL:
     """Train `vae` in place as an autoencoder on random `crop_size` crops (it is fully convolutional, so it
-    learns the same on a quarter of the pixels): L1 reconstruction of the posterior sample + `kl_weight` × KL.
+    learns the same on a quarter of the pixels): squared error of the posterior sample's reconstruction + `kl_weight` × KL.
     The output starts white (the world's background), and the `scaling_factor` is set to 1 / std of the
     latents of whole images, as Stable Diffusion's was chosen."""
     generator = torch.Generator().manual_seed(seed)
@@ -153,16 +162,16 @@ def train_vae(
         batch = to_unit_range(random_crops(batch, crop_size, generator))
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
-        l1 = (reconstruction - batch).abs().mean()
+        mse = (reconstruction - batch).pow(2).mean()
         kl = posterior.kl().mean() / batch[0].numel()
-        loss = l1 + kl_weight * kl
+        loss = mse + kl_weight * kl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}")
+        bar.set_postfix(mse=f"{mse.item():.4f}")
         if step % 50 == 0 or step == steps - 1:
-            log({"stage": "vae", "step": step, "l1": round(l1.item(), 5), "kl": round(kl.item(), 5),
+            log({"stage": "vae", "step": step, "mse": round(mse.item(), 5), "kl": round(kl.item(), 5),
                  "seconds": round(time.time() - start, 1)})
     vae.eval()
     with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -104,16 +105,23 @@ class RecipeRun:
         base = self.stage("base", lambda folder: self.build_base(data, folder))
         from ..training import TrainingConfig, train
 
-        def lavit_stage(name, model, dataset, steps, batch_size, learning_rate):
+        def lavit_stage(name, model, dataset, steps, batch_size, learning_rate, **options):
             config = TrainingConfig(
                 stage=name, model=str(model), data=str(dataset), output=str(self.output / name), max_steps=steps,
-                batch_size=batch_size, learning_rate=learning_rate, seed=r.seed,
+                batch_size=batch_size, learning_rate=learning_rate, seed=r.seed, lr_warmup_steps=max(1, steps // 20),
+                lr_scheduler="cosine", logging_steps=10, checkpointing_steps=steps, **options,
             )
             return self.stage(name, lambda folder: train(config))
 
         tokenizer = lavit_stage("visual-tokenizer", base, data, r.tokenizer_steps, r.tokenizer_batch_size, r.tokenizer_learning_rate)
-        decoder = lavit_stage("pixel-decoder", tokenizer, data, r.decoder_steps, r.decoder_batch_size, r.decoder_learning_rate)
-        language = lavit_stage("language-model", decoder, vqa, r.language_steps, r.language_batch_size, r.language_learning_rate)
+        decoder = lavit_stage(
+            "pixel-decoder", tokenizer, data, r.decoder_steps, r.decoder_batch_size, r.decoder_learning_rate, train_unet=True
+        )
+        # The demo's understanding head starts from the stage-1 predictor and merger (it was never trained).
+        language = lavit_stage(
+            "language-model", decoder, vqa, r.language_steps, r.language_batch_size, r.language_learning_rate,
+            init_understanding_head=True,
+        )
         return self.stage("model", lambda folder: export(language, folder))
 
     def build_base(self, data: Path, folder: Path) -> None:
@@ -132,14 +140,19 @@ class RecipeRun:
 
 
 def write_vqa_dataset(data: Path, folder: Path) -> Path:
-    """`data`'s images (linked, not copied) with each caption and each question as `Question: {q} Answer: {a}`,
-    one `metadata.jsonl` line per text."""
+    """`data`'s images with each caption and each question as `Question: {q} Answer: {a}`: one image file (a
+    hard link where the file system allows) and one `metadata.jsonl` line per text."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for row in map(json.loads, (data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()):
-        (folder / row["file_name"]).symlink_to((data / row["file_name"]).resolve())
         texts = [row["text"]] + [f"Question: {q} Answer: {a}" for q, a in row["questions"]]
-        lines += [json.dumps({"file_name": row["file_name"], "text": text}) for text in texts]
+        for i, text in enumerate(texts):
+            name = f"{Path(row['file_name']).stem}-{i}.png"
+            try:
+                os.link(data / row["file_name"], folder / name)
+            except OSError:
+                shutil.copyfile(data / row["file_name"], folder / name)
+            lines.append(json.dumps({"file_name": name, "text": text}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 

@@ -220,6 +220,11 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
         context = self.language_model.config.max_position_embeddings
         if max_new_tokens >= context - 1:
             raise ValueError(f"`max_new_tokens` must leave room for the prompt in the {context}-token context, got {max_new_tokens}.")
+        if max_new_tokens > self.pixel_decoder.config.num_queries:
+            raise ValueError(
+                f"`max_new_tokens` must be at most {self.pixel_decoder.config.num_queries}, the most visual tokens the "
+                f"pixel decoder takes, got {max_new_tokens}."
+            )
         check_sampling(do_sample, top_k, top_p, temperature)
 
     def check_image_prompts(self, prompts: list[str], image) -> list[list]:
@@ -235,12 +240,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
 
     def default_token_limits(self, min_new_tokens: int | None, max_new_tokens: int | None) -> tuple[int, int]:
         """(min, max) new visual tokens, None meaning the model's default: at most min(200, the pixel decoder's
-        `num_queries`) and at least a tenth of the maximum (LaVIT's 20 and 200 for the release)."""
-        if max_new_tokens is None:
-            max_new_tokens = min(200, self.pixel_decoder.config.num_queries)
-        if min_new_tokens is None:
-            min_new_tokens = max(1, max_new_tokens // 10)
-        return min_new_tokens, max_new_tokens
+        `num_queries`), at least a tenth of that (LaVIT's 200 and 20 for the release)."""
+        most = min(200, self.pixel_decoder.config.num_queries)
+        return (max(1, most // 10) if min_new_tokens is None else min_new_tokens), (most if max_new_tokens is None else max_new_tokens)
 
 
     def encode_prompt(self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None) -> list[torch.Tensor]:
