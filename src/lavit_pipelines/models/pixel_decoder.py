@@ -82,6 +82,7 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
     """
 
     _no_split_modules = ["SelfCrossBlock"]
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -116,6 +117,7 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
             self.pooler = AttentionPooler(num_queries, output_dim, heads, pooled_embed_dim)
         else:
             self.negative_condition = nn.Parameter(torch.zeros(negative_condition_length, sum(prompt_embed_dims)))
+        self.gradient_checkpointing = False
 
     def embed_codes(self, visual_token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image codes -> zero-padded code embeddings with positions (B, L, C) and mask (B, L) bool."""
@@ -133,7 +135,10 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
         additive_mask = (1.0 - mask[:, None, None, :].to(codes.dtype)) * -10000.0
         x = self.query_embedding.expand(len(mask), -1, -1)
         for block in self.blocks:
-            x = block(x, codes, sdpa(), sdpa(additive_mask))
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, codes, sdpa(), sdpa(additive_mask))
+            else:
+                x = block(x, codes, sdpa(), sdpa(additive_mask))
         decoded = self.output_proj(self.output_norm(x))
         prompt_embeds = torch.cat([proj(decoded) for proj in self.prompt_projections], dim=-1)
         if self.config.variant == "highres":

@@ -18,6 +18,7 @@ from ..models.language_model import LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, check_visual_token_ids
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
+from .lora import LavitLoraLoaderMixin
 from .outputs import LavitText2ImagePipelineOutput
 from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
 
@@ -49,7 +50,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class LavitText2ImagePipeline(LavitPipelineMixin, DiffusionPipeline):
+class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, DiffusionPipeline):
     r"""Text-to-image (and image+text-to-image) generation with LaVIT.
 
     The language model samples visual tokens after `[IMG]` with classifier-free guidance against the bare

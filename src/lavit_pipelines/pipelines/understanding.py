@@ -13,6 +13,7 @@ from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from .base import LavitPipelineMixin
+from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
 from .outputs import LavitUnderstandingPipelineOutput
 from .validation import check_image_items, check_positive_int, check_sampling, check_token_limits
 
@@ -103,7 +104,7 @@ def _seeded_sampling(generator: torch.Generator | None, device: torch.device):
         yield
 
 
-class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
+class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, DiffusionPipeline):
     r"""Image captioning and visual question answering with LaVIT.
 
     Each image is tokenised with the stage-2 weights of the visual tokenizer into continuous LLM-space
@@ -116,6 +117,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "visual_tokenizer->language_model"
+    _lora_loadable_modules = [LANGUAGE_MODEL]
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, language_model: LavitForCausalLM, visual_tokenizer: LavitVisualTokenizer

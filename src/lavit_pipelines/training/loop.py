@@ -67,6 +67,16 @@ class Stage:
         return {name: self.components[name] for name in self.trained_components}
 
 
+def lora_layers(model: torch.nn.Module) -> tuple[dict, dict]:
+    """The peft LoRA weights of `model` in diffusers' format, and their LoraConfig as metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = model.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)), config
+
+
 def example_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
     """One CPU generator per example, seeded by (seed, epoch, example index)."""
     return [
@@ -199,6 +209,8 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     batches_per_epoch = len(dataloader)
     progress = tqdm(range(config.max_steps), initial=step, desc=f"train {config.stage}",
                     disable=not accelerator.is_local_main_process)
+    if config.validation_steps and step == 0 and accelerator.is_main_process:
+        validate(stage, accelerator, validation_batch, 0, output)  # the baseline
     seen = step * config.gradient_accumulation_steps
     epoch = seen // batches_per_epoch
     while step < config.max_steps:

@@ -1,0 +1,182 @@
+"""Stage 3: train the language model to write and read images, both directions mixed per example.
+
+Generation example: `text [IMG] codes [/IMG]` (stage-1 visual ids; loss on the visual ids and `[/IMG]`; with
+probability `text_dropout` the text is left out, which trains the bare `[IMG]` context that LaVIT's CFG
+uses as its unconditional branch). Understanding example (probability `understanding_ratio`):
+`[IMG] features [/IMG] text </s>` with the stage-2 features of the visual tokenizer's understanding head,
+which trains along (loss on the text and `</s>`). Examples are packed into rows of at most `max_length`
+positions; positions restart at 0 for every example, so each attends only to itself. Full fine-tuning, or
+peft LoRA on `lora_target_modules`, optionally with the embedding and output rows of the LaVIT ids trained.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..image_processor import LavitImageProcessor
+from .loop import Stage, lora_layers
+from .pixel_decoder import per_example
+
+IGNORE = -100
+UNDERSTANDING_HEAD = ("understanding_predictor", "understanding_merger", "llm_projection")
+
+
+def pack(examples: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, packing: bool):
+    """(embeds (n_i, D), labels (n_i,)) per example -> groups of example indices, one group per row: greedily
+    filled up to `max_length` positions with packing, one example per row without."""
+    rows, current, used = [], [], 0
+    for i, (embeds, _) in enumerate(examples):
+        if current and (not packing or used + len(embeds) > max_length):
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += len(embeds)
+    return rows + [current]
+
+
+def batch_rows(examples, rows, pad_embedding: torch.Tensor):
+    """Rows of examples -> inputs_embeds (R, L, D), position_ids (R, L), labels (R, L). Positions restart
+    at 0 for every example and for the padding at the end of a row, which is a block of its own."""
+    length = max(sum(len(examples[i][0]) for i in row) for row in rows)
+    embeds, positions, labels = [], [], []
+    for row in rows:
+        parts = [examples[i] for i in row]
+        pad = length - sum(len(e) for e, _ in parts)
+        embeds.append(torch.cat([e for e, _ in parts] + [pad_embedding.expand(pad, -1)]))
+        positions.append(torch.cat([torch.arange(len(e)) for e, _ in parts] + [torch.arange(pad)]))
+        labels.append(torch.cat([lab for _, lab in parts] + [torch.full((pad,), IGNORE)]))
+    device = pad_embedding.device
+    return torch.stack(embeds), torch.stack(positions).to(device), torch.stack(labels).to(device)
+
+
+class LanguageModelTrainingModule(nn.Module):
+    """The language model and the visual tokenizer (stage-1 part frozen; understanding head trainable)."""
+
+    def __init__(self, language_model, visual_tokenizer, text_tokenizer, config):
+        super().__init__()
+        self.language_model, self.visual_tokenizer = language_model, visual_tokenizer
+        self.text_tokenizer, self.config = text_tokenizer, config
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        embeddings = self.language_model.get_input_embeddings()
+        return embeddings(torch.tensor(ids, device=embeddings.weight.device))
+
+    def generation_example(self, text_ids: list[int], codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.language_model.config
+        visual = (codes + c.visual_token_offset).tolist() + [c.image_end_token_id]
+        ids = text_ids + [c.image_start_token_id] + visual
+        labels = [IGNORE] * (len(text_ids) + 1) + visual
+        return self.embed(ids), torch.tensor(labels)
+
+    def understanding_example(self, features: torch.Tensor, text_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.language_model.config
+        markers = self.embed([c.image_start_token_id, c.image_end_token_id])
+        text = text_ids + [self.text_tokenizer.eos_token_id]
+        embeds = torch.cat([markers[:1], features.to(markers.dtype), markers[1:], self.embed(text)])
+        return embeds, torch.tensor([IGNORE] * (len(features) + 2) + text)
+
+    def forward(self, batch: dict, generators: list, step: int) -> dict:
+        config, pixels = self.config, batch["pixel_values"]
+        understand = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.understanding_ratio
+        drop_text = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.text_dropout
+        picks = {flag: [i for i in range(len(pixels)) if bool(understand[i]) == flag] for flag in (True, False)}
+        visual = {}
+        if picks[False]:
+            with torch.no_grad():
+                codes = self.visual_tokenizer.tokenize(pixels[picks[False]], generator=[generators[i] for i in picks[False]])
+            visual.update(zip(picks[False], codes))
+        if picks[True]:
+            features = self.visual_tokenizer.encode_features(pixels[picks[True]], generator=[generators[i] for i in picks[True]])
+            visual.update(zip(picks[True], features))
+        examples = []
+        for i, text in enumerate(batch["text"]):
+            text_ids = self.text_tokenizer(text, add_special_tokens=False).input_ids
+            if understand[i]:
+                embeds, labels = self.understanding_example(visual[i], text_ids)
+            else:
+                embeds, labels = self.generation_example([] if drop_text[i] else text_ids, visual[i])
+            examples.append((embeds[: config.max_length], labels[: config.max_length]))
+        pad = self.embed([self.text_tokenizer.pad_token_id or self.text_tokenizer.eos_token_id])
+        embeds, positions, labels = batch_rows(examples, pack(examples, config.max_length, config.packing), pad)
+        logits = self.language_model(inputs_embeds=embeds, position_ids=positions).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+        counted = targets.flatten() != IGNORE
+        is_visual = self.language_model.is_visual_token(targets.flatten()) | (targets.flatten() == self.language_model.config.image_end_token_id)
+        metrics = {"loss": losses.sum() / counted.sum().clamp(min=1), "understanding_examples": understand.float().mean()}
+        for name, mask in (("visual_loss", is_visual), ("text_loss", counted & ~is_visual)):
+            metrics[name] = losses[mask].sum() / mask.sum().clamp(min=1)
+        return metrics
+
+
+def keep_rows_trainable(weight: nn.Parameter, rows: range) -> None:
+    """Train only `rows` of `weight`: the gradient of every other row is zeroed."""
+    mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+    mask[rows.start : rows.stop] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask)
+
+
+class LanguageModelStage(Stage):
+    needed_components = ("tokenizer", "language_model", "visual_tokenizer")
+
+    def __init__(self, config, components, accelerator):
+        super().__init__(config, components, accelerator)
+        lm, vt = components["language_model"], components["visual_tokenizer"]
+        vt.requires_grad_(False)
+        if config.init_understanding_head:
+            vt.understanding_predictor.load_state_dict(vt.token_predictor.state_dict())
+            vt.understanding_merger.load_state_dict(vt.token_merger.state_dict())
+        for name in UNDERSTANDING_HEAD:
+            getattr(vt, name).requires_grad_(True)
+        trained = ["visual_tokenizer"]
+        if config.lora:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lm.requires_grad_(False)
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                              init_lora_weights="gaussian", target_modules=config.lora_target_modules)
+            inject_adapter_in_model(lora, lm)
+            if config.train_visual_embeddings:
+                for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+                    keep_rows_trainable(weight, lm.lavit_token_id_range)
+                trained.append("language_model")
+        else:
+            lm.requires_grad_(True)
+            trained.append("language_model")
+        if config.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            vt.enable_gradient_checkpointing()
+        self.trained_components = tuple(trained)
+        self.processor = LavitImageProcessor(**{k: vt.config[k] for k in ("image_size", "image_mean", "image_std")})
+        self.module = LanguageModelTrainingModule(lm, vt, components["tokenizer"], config)
+
+    def transform(self, image, text: str) -> dict:
+        return {"pixel_values": self.processor.preprocess(image)[0], "text": text}
+
+    def validate(self, batch, generators, step, folder) -> dict:
+        """The loss and a greedy caption of the first validation image."""
+        from ..pipelines.understanding import LavitUnderstandingPipeline
+
+        metrics = super().validate(batch, generators, step, folder)
+        pipe = LavitUnderstandingPipeline(**{k: self.components[k] for k in self.needed_components})
+        pipe.set_progress_bar_config(disable=True)
+        caption = pipe(batch["pixel_values"][:1], max_new_tokens=16, generator=generators[0]).text[0]
+        return {**metrics, "validation_caption": caption}
+
+    def finish(self, output) -> dict:
+        """With LoRA: the adapter goes to pytorch_lora_weights.safetensors, then leaves the model, whose
+        (possibly trained) LaVIT embedding rows are saved with it."""
+        if self.config.lora:
+            from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+            from ..pipelines.understanding import LavitUnderstandingPipeline
+
+            lm = self.components["language_model"]
+            layers, metadata = lora_layers(lm)
+            LavitUnderstandingPipeline.save_lora_weights(
+                output, language_model_lora_layers=layers, language_model_lora_adapter_metadata=metadata
+            )
+            recurse_remove_peft_layers(lm)
+            del lm.peft_config
+        return super().finish(output)

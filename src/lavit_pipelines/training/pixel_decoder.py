@@ -1,0 +1,140 @@
+"""Stage 2: train the pixel decoder (and the UNet, fully or with LoRA) to condition the diffusion decoder.
+
+The visual tokenizer and the VAE are frozen. Per image: its own visual tokens -> the pixel decoder's UNet
+conditioning; the VAE latents are noised at a random timestep and the UNet predicts the noise (ε) or the
+velocity (v) with the MSE of diffusers' training scripts. With probability `condition_dropout` an image is
+conditioned on the decoder's negative condition instead (zeros for the high-res decoder, the learned
+`negative_condition` for the low-res one), which is what classifier-free guidance uses at inference.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from ..image_processor import LavitImageProcessor
+from .loop import Stage, lora_layers
+
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def per_example(generators: list, draw) -> torch.Tensor:
+    """Concatenate `draw(generator)` over the examples' generators."""
+    return torch.cat([draw(generator) for generator in generators])
+
+
+class PixelDecoderTrainingModule(nn.Module):
+    """Frozen tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
+
+    def __init__(self, components: dict, scheduler: DDPMScheduler, condition_dropout: float):
+        super().__init__()
+        self.visual_tokenizer, self.pixel_decoder = components["visual_tokenizer"], components["pixel_decoder"]
+        self.unet, self.vae = components["unet"], components["vae"]
+        self.scheduler, self.condition_dropout = scheduler, condition_dropout
+
+    def condition(self, codes: list, drop: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """Codes per image and drop (B,) bool -> UNet encoder states and extra kwargs, dropped rows negative."""
+        out = self.pixel_decoder(codes)
+        pick = lambda pos, neg: torch.where(drop.view(-1, *[1] * (pos.ndim - 1)), neg, pos)  # noqa: E731
+        kwargs = {}
+        if out.pooled_prompt_embeds is not None:
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=out.prompt_embeds.dtype, device=drop.device)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pick(out.pooled_prompt_embeds, out.negative_pooled_prompt_embeds),
+                "time_ids": time_ids.expand(len(drop), -1),
+            }
+        if out.prompt_attention_mask is not None:
+            kwargs["encoder_attention_mask"] = pick(out.prompt_attention_mask, out.negative_prompt_attention_mask)
+        return pick(out.prompt_embeds, out.negative_prompt_embeds), kwargs
+
+    def forward(self, batch: dict, generators: list, step: int) -> dict:
+        pixels = batch["vae_pixel_values"]
+        with torch.no_grad():
+            codes = self.visual_tokenizer.tokenize(batch["pixel_values"], generator=generators)
+            latent_dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            latents = latent_dist.sample(generator=generators) * self.vae.config.scaling_factor
+        noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
+        timesteps = per_example(generators, lambda g: torch.randint(self.scheduler.config.num_train_timesteps, (1,), generator=g))
+        timesteps = timesteps.to(latents.device)
+        drop = per_example(generators, lambda g: torch.rand(1, generator=g)).to(latents.device) < self.condition_dropout
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        hidden, kwargs = self.condition(codes, drop, tuple(pixels.shape[-2:]))
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden, **kwargs, return_dict=False)[0]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"loss": F.mse_loss(prediction.float(), target.float()), "dropped": drop.float().mean()}
+
+
+class PixelDecoderStage(Stage):
+    needed_components = ("visual_tokenizer", "pixel_decoder", "unet", "vae", "scheduler")
+
+    def __init__(self, config, components, accelerator):
+        super().__init__(config, components, accelerator)
+        tokenizer, decoder, unet, vae = (components[k] for k in ("visual_tokenizer", "pixel_decoder", "unet", "vae"))
+        tokenizer.requires_grad_(False)
+        vae.requires_grad_(False)
+        unet.requires_grad_(config.train_unet and not config.lora)
+        if config.lora:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            decoder.enable_gradient_checkpointing()
+        self.trained_components = ("pixel_decoder", "unet") if config.train_unet and not config.lora else ("pixel_decoder",)
+        scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        if config.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=config.prediction_type)
+        resolution = config.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = resolution
+        self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        self.processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
+        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout).to(accelerator.device)
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(self.parameters_to_train(), decay=config.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+
+    def transform(self, image, text: str) -> dict:
+        return {
+            "pixel_values": self.processor.preprocess(image)[0],
+            "vae_pixel_values": self.vae_processor.preprocess(image, self.resolution, self.resolution)[0],
+        }
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.parameters_to_train())
+
+    def validate(self, batch, generators, step, folder) -> dict:
+        """The loss, and the first image reconstructed from its visual tokens (validation/step-<N>.png)."""
+        from ..pipelines.text2image import LavitText2ImagePipeline
+
+        metrics = super().validate(batch, generators, step, folder)
+        pipe = LavitText2ImagePipeline(tokenizer=None, language_model=None, scheduler=self.components["scheduler"],
+                                       **{k: self.components[k] for k in ("pixel_decoder", "unet", "vae", "visual_tokenizer")})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            codes = self.components["visual_tokenizer"].tokenize(batch["pixel_values"][:1].to(self.accelerator.device),
+                                                                   generator=generators[:1])
+            image = pipe(visual_token_ids=codes, height=self.resolution, width=self.resolution, num_inference_steps=10,
+                         generator=generators[0]).images[0]
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"step-{step}.png")
+        return metrics
+
+    def finish(self, output) -> dict:
+        """EMA weights (when kept) go into the saved models; UNet LoRA layers into pytorch_lora_weights.safetensors."""
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters_to_train())
+        if self.config.lora:
+            from ..pipelines.text2image import LavitText2ImagePipeline
+
+            layers, metadata = lora_layers(self.components["unet"])
+            LavitText2ImagePipeline.save_lora_weights(output, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        return super().finish(output)
