@@ -30,10 +30,10 @@ QUESTION_WORDS = "Question: Answer: what color is the where how many shapes are 
 
 def world_corpus() -> str:
     """Every word the world's captions, questions and answers use (with `Question:`/`Answer:`, LaVIT's VQA
-    prompt), once each: a tokenizer trained on it gives one token per word."""
+    prompt, and the full stop), once each: a tokenizer trained on it gives one token per word."""
     words = ["a", "an", *shapes.COLORS, *shapes.SHAPES, *shapes.POSITIONS, *" ".join(shapes.PHRASES.values()).split(),
              *" ".join(shapes.RELATIONS.values()).split(), *QUESTION_WORDS.split()]
-    words += [f"{shape}?" for shape in shapes.SHAPES] + ["shapes?", "left?"]
+    words += [f"{shape}?" for shape in shapes.SHAPES] + ["shapes?", "left?", "."]
     return " ".join(dict.fromkeys(words))
 
 

@@ -66,11 +66,11 @@ class CaptionEncoder(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """CLIP on this world, plus a local objective. The image embedding is the mean of the ViT's last patch
-    features, projected; the caption embedding comes from `CaptionEncoder`. Each patch feature also predicts
-    its own patch's pixels through a linear head, which keeps the features local (without it every patch
-    feature becomes the same global summary, and the visual tokenizer then gives one repeated code per
-    image). Everything but the ViT is thrown away after training."""
+    """CLIP on this world, plus a local objective. The image embedding is the ViT's class token, projected;
+    the caption embedding comes from `CaptionEncoder`. Each patch feature predicts its own patch's pixels
+    through a linear head, which keeps the patch features (the visual tokenizer's input) local: pooled into
+    the contrastive embedding instead, they all become the same global summary, and the visual tokenizer
+    then gives one repeated code per image. Everything but the ViT is thrown away after training."""
 
     def __init__(self, encoder: EvaVisionEncoder, vocab_size: int, embed_dim: int = 128):
         super().__init__()
@@ -85,8 +85,9 @@ class ContrastiveModel(nn.Module):
     def loss(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor) -> tuple:
         """(contrastive, pixel) losses. Contrastive: symmetric InfoNCE where every pair with the same caption
         (`same`: (B, B) bool) counts as a positive. Pixel: squared error of each patch's predicted pixels."""
-        features = self.encoder(pixel_values)[:, 1:]
-        image = F.normalize(self.image_head(features.mean(1)), dim=-1)
+        hidden = self.encoder(pixel_values)
+        features = hidden[:, 1:]
+        image = F.normalize(self.image_head(hidden[:, 0]), dim=-1)
         text = F.normalize(self.text_head(self.text_encoder(ids, mask)), dim=-1)
         logits = self.log_scale.exp().clamp(max=100) * image @ text.T
         targets = same.float() / same.sum(1, keepdim=True)
