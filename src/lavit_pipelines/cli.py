@@ -68,7 +68,47 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES)
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
+    add_evaluate_parser(commands, common)
     return parser
+
+
+def add_evaluate_parser(commands, common: argparse.ArgumentParser) -> None:
+    """`lavit evaluate {caption,vqa,t2i,shapes}`: the benchmarks of `lavit_pipelines.evaluation`."""
+    evaluate = commands.add_parser("evaluate", help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    data = argparse.ArgumentParser(add_help=False, parents=[common])
+    data.add_argument("--annotations", required=True, help="annotation JSON (see docs/evaluation.md)")
+    data.add_argument("--images", default=".", help="folder the annotations' image paths are relative to (default: .)")
+    data.add_argument("--output", required=True, help="results folder: predictions.json, metrics.json (a rerun resumes)")
+    data.add_argument("--limit", type=positive_int, help="evaluate only the first N entries")
+
+    cap = tasks.add_parser("caption", parents=[data], help="captioning: COCO Karpathy test, NoCaps, Flickr30K")
+    cap.add_argument("--ground-truth", required=True, help="COCO-format caption file")
+    cap.add_argument("--batch-size", type=positive_int, default=8)
+    cap.add_argument("--metrics", nargs="+", default=["Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
+                     choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"), help="pycocoevalcap metrics (default: all)")
+    vqa = tasks.add_parser("vqa", parents=[data], help="VQA: VQAv2, OK-VQA, VizWiz, GQA")
+    vqa.add_argument("--dataset", choices=("vqav2", "okvqa", "vizwiz", "gqa"), default="vqav2")
+    vqa.add_argument("--ground-truth", help="official VQA annotations, when --annotations is an official questions file")
+    vqa.add_argument("--no-lemmatize", action="store_true", help="skip the original's spaCy lemmatisation (a deviation)")
+    vqa.add_argument("--batch-size", type=positive_int, default=8)
+    t2i = tasks.add_parser("t2i", parents=[data], help="text-to-image: FID (and CLIP score) on COCO captions")
+    t2i.add_argument("--clip", help="local transformers CLIP folder (ViT-L/14 in the paper) to pick the best image")
+    t2i.add_argument("--inception-weights", help="FID Inception weights file (torch-fidelity's), needs torch-fidelity")
+    t2i.add_argument("--no-fid", action="store_true", help="generate (and CLIP-score) only")
+    t2i.add_argument("--num-images", type=positive_int, default=4, help="images per caption, re-ranked by --clip")
+    t2i.add_argument("--resolution", type=positive_int, default=512, help="real images are resized to this for FID")
+    t2i.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    t2i.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
+    t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
+
+    shapes = tasks.add_parser("shapes", parents=[common], help="generation, caption and VQA accuracy on the shapes world")
+    shapes.add_argument("--output", required=True, help="folder for the images, predictions.json and metrics.json")
+    shapes.add_argument("--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)")
+    shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
+    shapes.add_argument("--batch-size", type=positive_int, default=8)
+    shapes.add_argument("--steps", type=positive_int, default=25, help="denoising steps of the generation")
+    shapes.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
 
 
 # ------------------------------------------------------------------ argument checks (before loading anything)
@@ -253,6 +293,70 @@ def run_reconstruct(args) -> None:
     print(output)
 
 
+def run_evaluate(args) -> None:
+    """One evaluation; under `accelerate launch` each process takes its share and the main one prints the metrics."""
+    import json
+
+    from .evaluation.runner import process_state
+
+    if not args.model:
+        raise UsageError("--model is required: a converted LaVIT folder or Hub repo id")
+    state = process_state()
+    device, dtype = resolve_device_and_dtype(args)
+    device = args.device or (str(state.device) if state.num_processes > 1 else device)
+    metrics = EVALUATIONS[args.task](args, device, dtype)
+    if state.is_main_process:
+        print(json.dumps(metrics, indent=1))
+
+
+def evaluation_generation_kwargs(args) -> dict:
+    """--steps and --max-new-tokens (min_new_tokens: LaVIT's 20, or fewer when the maximum is lower)."""
+    return {"num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(20, args.max_new_tokens)}
+
+
+def evaluate_caption(args, device, dtype):
+    from .evaluation.captioning import evaluate_captioning
+
+    return evaluate_captioning(
+        args.model, args.annotations, args.images, args.ground_truth, args.output, args.batch_size, args.seed,
+        device, dtype, args.limit, tuple(args.metrics),
+    )
+
+
+def evaluate_vqa(args, device, dtype):
+    from .evaluation.vqa import evaluate_vqa as run
+
+    return run(
+        args.model, args.annotations, args.images, args.output, args.dataset, args.ground_truth,
+        not args.no_lemmatize, args.batch_size, args.seed, device, dtype, args.limit,
+    )
+
+
+def evaluate_t2i(args, device, dtype):
+    from .evaluation.metrics import INCEPTION_HINT
+    from .evaluation.text_to_image import evaluate_text_to_image
+
+    if not (args.inception_weights or args.no_fid):
+        raise UsageError(f"{INCEPTION_HINT}: pass --inception-weights FILE, or --no-fid")
+    return evaluate_text_to_image(
+        args.model, args.annotations, args.output, args.images, args.clip, None if args.no_fid else args.inception_weights,
+        args.num_images, args.resolution, args.batch_size, args.seed, device, dtype, args.limit,
+        generation_kwargs=evaluation_generation_kwargs(args),
+    )
+
+
+def evaluate_shapes(args, device, dtype):
+    from .evaluation.shapes import evaluate_shapes as run
+
+    return run(
+        args.model, args.output, args.num_prompts, args.num_scenes, args.seed, args.batch_size, device, dtype,
+        generation_kwargs=evaluation_generation_kwargs(args),
+    )
+
+
+EVALUATIONS = {"caption": evaluate_caption, "vqa": evaluate_vqa, "t2i": evaluate_t2i, "shapes": evaluate_shapes}
+
+
 def run_convert(args) -> None:
     from .conversion import convert
 
@@ -261,7 +365,7 @@ def run_convert(args) -> None:
 
 COMMANDS = {
     "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "convert": run_convert,
+    "reconstruct": run_reconstruct, "convert": run_convert, "evaluate": run_evaluate,
 }
 
 
@@ -271,7 +375,7 @@ def main(argv=None) -> int:
         if args.command == "generate":
             check_generate(args)
         COMMANDS[args.command](args)
-    except (UsageError, OSError, ValueError, TypeError, KeyError) as error:  # OSError: files, Hub, network
+    except (UsageError, OSError, ValueError, TypeError, KeyError, ImportError) as error:  # OSError: files, Hub, network
         print(f"lavit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
