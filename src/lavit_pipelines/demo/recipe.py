@@ -61,10 +61,10 @@ class Recipe:
     tokenizer_steps: int = 300
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
-    decoder_steps: int = 600
-    decoder_batch_size: int = 32
+    decoder_steps: int = 500
+    decoder_batch_size: int = 16
     decoder_learning_rate: float = 1e-3
-    language_steps: int = 800
+    language_steps: int = 700
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
 
@@ -130,8 +130,10 @@ class RecipeRun:
             self.keys["autoencoder"] = autoencoder.result()
         base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
         # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
+        # Half of the 16 coarse patches are kept on average: a two-object scene needs up to 8 of them.
         tokenizer = self.lavit_stage(
-            "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9, dead_code_threshold=0.03
+            "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9, dead_code_threshold=0.03,
+            target_keep_ratio=0.5,
         )
         decoder = self.lavit_stage("pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True)
         # The demo's understanding head starts from the stage-1 predictor and merger (it was never trained).
