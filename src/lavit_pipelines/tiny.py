@@ -41,7 +41,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_llama_style_tokenizer(CORPUS, NUM_MERGES)
 
 
-def _randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
+def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
     """Give parameters that their module initialises to zeros (positions, queries, biases) random values,
     so that no key mapping or position can hide behind a constant."""
     for parameter in model.parameters():
@@ -126,7 +126,7 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
             torch.manual_seed(seed + offset)
             components[name] = build().eval()
             if name in ("visual_tokenizer", "pixel_decoder"):
-                _randomize_zero_parameters(components[name])
+                randomize_zero_parameters(components[name])
     # The visual tokenizer's codebook is the decoder's: LaVIT shares one quantizer between them.
     components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
     components["scheduler"] = DDIMScheduler(

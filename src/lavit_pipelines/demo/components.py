@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from ..models.language_model import LavitConfig, LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder
 from ..models.visual_tokenizer import LavitVisualTokenizer
+from ..tiny import randomize_zero_parameters
 from ..tokenization import build_llama_style_tokenizer
 from ..worlds import shapes
 
@@ -81,6 +82,9 @@ def build_components(seed: int = 0) -> dict:
         for offset, (name, build) in enumerate(builders.items()):
             torch.manual_seed(seed + offset)
             components[name] = build()
+        # The decoder's queries and code positions are zeros in the release's definition (a checkpoint fills
+        # them); trained from scratch they must start apart, or all queries stay identical and ignore the codes.
+        randomize_zero_parameters(components["pixel_decoder"])
     components["scheduler"] = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
         set_alpha_to_one=False,

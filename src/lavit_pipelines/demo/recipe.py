@@ -122,25 +122,37 @@ class RecipeRun:
         texts = self.stage(
             "data-language", lambda out: write_language_dataset(data, out, r.data_caption_copies), {}, ("data",)
         )
-        # The two pre-stages are independent: the autoencoder trains in a second process, one thread each.
+        # Independent stages run in pairs, one thread each: the autoencoder beside the vision encoder, and the
+        # pixel decoder beside the language model (both read only the stage-1 visual tokenizer).
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            autoencoder = pool.submit(autoencoder_stage, r, self.output)
+            autoencoder = pool.submit(in_worker, r, self.output, self.keys, "autoencoder_stage", data)
             with single_thread():
                 self.stage("vision-encoder", lambda out: self.train_vision_encoder(data, out), r.settings("vision"), ("data",))
-            self.keys["autoencoder"] = autoencoder.result()
-        base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
-        # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
-        # Half of the 16 coarse patches are kept on average: a two-object scene needs up to 8 of them.
-        tokenizer = self.lavit_stage(
-            "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9, dead_code_threshold=0.03,
-            target_keep_ratio=0.5,
-        )
-        decoder = self.lavit_stage("pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True)
-        # The demo's understanding head starts from the stage-1 predictor and merger (it was never trained).
-        language = self.lavit_stage(
-            "language-model", decoder, texts, "language", ("pixel-decoder", "data-language"), init_understanding_head=True
-        )
-        return self.stage("model", lambda out: export(language, out), {}, ("language-model",))
+            self.keys.update(autoencoder.result())
+            base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
+            # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
+            # Half of the 16 coarse patches are kept on average: a two-object scene needs up to 8 of them.
+            tokenizer = self.lavit_stage(
+                "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
+                dead_code_threshold=0.03, target_keep_ratio=0.5,
+            )
+            decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", tokenizer, data)
+            with single_thread():
+                # The demo's understanding head starts from the stage-1 predictor and merger (never trained).
+                language = self.lavit_stage(
+                    "language-model", tokenizer, texts, "language", ("visual-tokenizer", "data-language"),
+                    init_understanding_head=True,
+                )
+            self.keys.update(decoder.result())
+        decoder = self.output / "pixel-decoder"
+        return self.stage("model", lambda out: export(language, decoder, out), {}, ("language-model", "pixel-decoder"))
+
+    def autoencoder_stage(self, data: Path) -> Path:
+        r = self.recipe
+        return self.stage("autoencoder", lambda out: self.train_autoencoder(data, out), r.settings("vae"), ("data",))
+
+    def pixel_decoder_stage(self, tokenizer: Path, data: Path) -> Path:
+        return self.lavit_stage("pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True)
 
     def lavit_stage(self, stage: str, model: Path, data: Path, prefix: str, inputs: tuple[str, ...], **options) -> Path:
         """One LaVIT stage with `lavit_pipelines.training`, from `model` on `data`, with the `prefix` settings."""
@@ -195,13 +207,14 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def autoencoder_stage(recipe: Recipe, output: Path) -> dict:
-    """The `autoencoder` stage of `RecipeRun(recipe, output)` on one thread (in a worker process); its key."""
+def in_worker(recipe: Recipe, output: Path, keys: dict, method: str, *args) -> dict:
+    """`RecipeRun(recipe, output).<method>(*args)` on one thread (in a worker process), knowing the `keys` of
+    the stages done so far; returns the keys after it."""
     torch.set_num_threads(1)
     run = RecipeRun(recipe, output)
-    data = run.stage("data", None, recipe.settings("data"))
-    run.stage("autoencoder", lambda out: run.train_autoencoder(data, out), recipe.settings("vae"), ("data",))
-    return run.keys["autoencoder"]
+    run.keys.update(keys)
+    getattr(run, method)(*args)
+    return run.keys
 
 
 def write_language_dataset(data: Path, folder: Path, caption_copies: int = 3) -> Path:
@@ -227,10 +240,13 @@ def write_language_dataset(data: Path, folder: Path, caption_copies: int = 3) ->
     return folder
 
 
-def export(trained: Path, folder: Path) -> None:
-    """The final pipeline (with its visual tokenizer) saved as safetensors."""
-    pipe = LavitText2ImagePipeline.from_pretrained(trained, load_visual_tokenizer=True, dtype=torch.float32)
-    pipe.save_pretrained(folder)
+def export(language: Path, decoder: Path, folder: Path) -> None:
+    """The final pipeline (with its visual tokenizer) as safetensors: the tokenizer, language model and visual
+    tokenizer of the language-model stage, the pixel decoder, UNet, VAE and scheduler of the pixel-decoder stage."""
+    readers = LavitText2ImagePipeline.from_pretrained(language, load_visual_tokenizer=True, dtype=torch.float32)
+    writers = LavitText2ImagePipeline.from_pretrained(decoder, dtype=torch.float32)
+    components = {**writers.components, **{k: readers.components[k] for k in ("tokenizer", "language_model", "visual_tokenizer")}}
+    LavitText2ImagePipeline(**components).save_pretrained(folder)
 
 
 def main(argv=None) -> None:
