@@ -85,6 +85,10 @@ def build_components(seed: int = 0) -> dict:
         # The decoder's queries and code positions are zeros in the release's definition (a checkpoint fills
         # them); trained from scratch they must start apart, or all queries stay identical and ignore the codes.
         randomize_zero_parameters(components["pixel_decoder"])
+        # The decoder reads the l2-normalised codebook (norm 1, spread over 32 channels): its input projection
+        # starts scaled by sqrt(codebook_dim), or the codes barely move its output and the UNet learns to
+        # ignore them.
+        components["pixel_decoder"].input_proj.weight.data.mul_(CODEBOOK_DIM**0.5)
     components["scheduler"] = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
         set_alpha_to_one=False,

@@ -8,9 +8,10 @@ interrupted run continues where it stopped):
 2. `autoencoder`: a small KL autoencoder (Stable Diffusion's VAE role); `vision-encoder`: a ViT trained
    contrastively on the captions (EVA-CLIP's role); `base`: both in the untrained demo pipeline (tokenizer
    of the world's words, `components.build_components`), a complete pipeline folder.
-3. `visual-tokenizer`, `pixel-decoder`, `language-model`: LaVIT's three stages with `lavit_pipelines.training`,
-   each starting from the previous folder.
-4. `model`: the last stage's pipeline, the folder that ships as `lavit_pipelines.default_model_path()`.
+3. `visual-tokenizer`, `pixel-decoder`, `language-model`: LaVIT's three stages with `lavit_pipelines.training`;
+   the last two both start from the first (they are independent) and run side by side.
+4. `model`: the language-model stage's text and visual tokenizers and language model with the pixel-decoder
+   stage's decoder, UNet and VAE: the folder that ships as `lavit_pipelines.default_model_path()`.
 
 Everything is seeded: the same recipe on the same software gives the same weights.
 """
@@ -61,7 +62,7 @@ class Recipe:
     tokenizer_steps: int = 300
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
-    decoder_steps: int = 500
+    decoder_steps: int = 400
     decoder_batch_size: int = 16
     decoder_learning_rate: float = 1e-3
     language_steps: int = 700
