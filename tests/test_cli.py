@@ -1,4 +1,4 @@
-"""The `lavit` command line: outputs on the embedded tiny model, one-line errors, multi-process batches."""
+"""The `lavit` command line: outputs on the embedded demo model, one-line errors, multi-process batches."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 from lavit_pipelines.cli import main
 
-FAST = ["--steps", "2", "--max-new-tokens", "21"]
+FAST = ["--steps", "2", "--max-new-tokens", "8"]
 
 
 # One thread per process, so that one process and two processes compute the same floats.
@@ -31,7 +31,6 @@ def photo(tmp_path_factory) -> Path:
 def test_generate_on_embedded_model_is_reproducible(tmp_path, capsys):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     assert main(["generate", "a duck", "--output", str(first), "--seed", "3", *FAST]) == 0
-    assert "random weights" in capsys.readouterr().err
     assert main(["generate", "a duck", "--output", str(second), "--seed", "3", *FAST]) == 0
     assert first.read_bytes() == second.read_bytes()
     assert PIL.Image.open(first).size == (64, 64)
@@ -47,7 +46,7 @@ def test_generate_several_images_and_image_prompt(tmp_path, photo):
 def test_caption_and_ask_print_one_line(photo, capsys, command):
     argv = [command[0], str(photo), *command[1:]]
     assert main([a.replace("QUESTION", "what is it?") for a in argv]) == 0
-    out = capsys.readouterr().out  # random weights: the text may hold any character but a newline
+    out = capsys.readouterr().out  # a plain red picture is not of the shapes world: any one line
     assert out.endswith("\n") and out.count("\n") == 1
 
 

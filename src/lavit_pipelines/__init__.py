@@ -22,6 +22,7 @@ _EXPORTS = {
     "LavitVisualTokenizer": ".models",
     "LavitImageProcessor": ".image_processor",
     "load_lavit_tokenizer": ".tokenization",
+    "default_model_path": ".demo",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,7 +1,8 @@
 """`lavit`: generate, caption, ask, reconstruct, convert and train from the command line.
 
-Without `--model`, a tiny LaVIT with random weights is built in code (cached after the first run): it
-draws noise and is there to try the machinery. Real images need the converted release checkpoint.
+Without `--model`, the embedded demo LaVIT (`lavit_pipelines.default_model_path()`) runs: a small model trained
+on the shapes world (coloured circles, squares and triangles on white). Real images need the converted release
+checkpoint.
 Only argparse runs before a command: torch, diffusers and transformers are imported by the command itself.
 """
 
@@ -11,10 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-TINY_NOTICE = (
-    "note: no --model given, using the embedded tiny LaVIT with random weights: it draws noise and is for trying "
-    "the machinery. For real images convert the release: lavit convert rain1011/LaVIT-7B-v2 lavit-7b-v2"
-)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded tiny model)")
+    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
     common.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
     common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     common.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
@@ -68,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=7.0, help="decoder guidance")
     gen.add_argument("--llm-guidance-scale", type=float, help="visual-token guidance (default 4.0, 5.0 with images)")
     gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
+    gen.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
 
     cap = add_command("caption", parents=[common], help="images -> one caption per line, in order")
     cap.add_argument("image", nargs="+", help="image files, captioned in one batch")
@@ -151,7 +148,7 @@ def add_evaluate_parser(commands) -> None:
     t2i.add_argument("--num-images", type=positive_int, default=4, help="images per caption, re-ranked by --clip")
     t2i.add_argument("--resolution", type=positive_int, default=512, help="real images are resized to this for FID")
     t2i.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
-    t2i.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
+    t2i.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
     t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
 
     shapes = tasks.add_parser("shapes", formatter_class=HelpFormatter, parents=[model], help="generation, caption and VQA accuracy on the shapes world")
@@ -160,7 +157,7 @@ def add_evaluate_parser(commands) -> None:
     shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
     shapes.add_argument("--batch-size", type=positive_int, default=8)
     shapes.add_argument("--steps", type=positive_int, default=25, help="denoising steps of the generation")
-    shapes.add_argument("--max-new-tokens", type=positive_int, default=200, help="most visual tokens per image")
+    shapes.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
 
 
 # ------------------------------------------------------------------ argument checks (before loading anything)
@@ -314,14 +311,10 @@ def resolve_device_and_dtype(args):
 
 
 def load_pipeline(pipeline_cls, args, device=None, **kwargs):
-    """The pipeline from --model (or the embedded tiny model), on --device in --dtype."""
-    if args.model:
-        source = args.model
-    else:
-        from .tiny import tiny_pipeline_path
+    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+    from .demo import default_model_path
 
-        print(TINY_NOTICE, file=sys.stderr)
-        source = tiny_pipeline_path()
+    source = args.model or default_model_path()
     default_device, dtype = resolve_device_and_dtype(args)
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
     if getattr(args, "lora", None):
@@ -355,7 +348,6 @@ def generation_kwargs(args) -> dict:
     return dict(
         height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         llm_guidance_scale=args.llm_guidance_scale, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=min(20, args.max_new_tokens),
     )
 
 
@@ -443,8 +435,8 @@ def run_evaluate(args) -> None:
 
 
 def evaluation_generation_kwargs(args) -> dict:
-    """--steps and --max-new-tokens (min_new_tokens: LaVIT's 20, or fewer when the maximum is lower)."""
-    return {"num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(20, args.max_new_tokens)}
+    """--steps and --max-new-tokens (None: the model's limits, see `LavitText2ImagePipeline.default_token_limits`)."""
+    return {"num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens}
 
 
 def evaluate_caption(args, device, dtype):

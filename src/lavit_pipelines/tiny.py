@@ -10,12 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from . import __version__
@@ -23,6 +21,7 @@ from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import VARIANTS, LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
 from .staging import clean_stale_staging, staging_folder
+from .tokenization import build_llama_style_tokenizer
 
 CORPUS = (
     "a sculpture of a duck made of wool. a photo of a dog running in the snow. a red car parked on the street. "
@@ -30,7 +29,6 @@ CORPUS = (
     "a wooden table. a painting of a mountain lake with trees. the city skyline at night with bright lights. "
     "a small boat on the river. an astronaut riding a horse on the moon. what is in the picture? answer the question."
 )
-SPECIALS = ("<unk>", "<s>", "</s>")
 NUM_MERGES = 160
 CODEBOOK_SIZE = 512
 LLM_HIDDEN = 32
@@ -39,62 +37,12 @@ POOLED_DIM = 48
 TIME_EMBED_DIM = 8
 
 
-def _train_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
-    """Deterministic BPE merges over the corpus' words (each with its sentencepiece '▁' prefix)."""
-    words = Counter(tuple("▁" + word) for word in corpus.split())
-    merges = []
-    for _ in range(num_merges):
-        pairs = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent, ties by text
-        merges.append(best)
-        merged = Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if word[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    return merges
-
-
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """LLaMA-style tokenizer: `<unk>`=0, `<s>`=1, `</s>`=2, 256 byte tokens, corpus characters, trained merges.
-    Pads on the left with `</s>`; `add_special_tokens=True` prepends `<s>` like LLaMA."""
-    merges = _train_merges(CORPUS, NUM_MERGES)
-    pieces = list(SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + sorted(set("▁" + CORPUS.replace(" ", "▁")))
-    pieces += [a + b for a, b in merges if a + b not in pieces]
-    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="</s>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
+    """The tiny model's LLaMA-style tokenizer, trained on `CORPUS` (see `build_llama_style_tokenizer`)."""
+    return build_llama_style_tokenizer(CORPUS, NUM_MERGES)
 
 
-def _randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
+def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
     """Give parameters that their module initialises to zeros (positions, queries, biases) random values,
     so that no key mapping or position can hide behind a constant."""
     for parameter in model.parameters():
@@ -179,7 +127,7 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
             torch.manual_seed(seed + offset)
             components[name] = build().eval()
             if name in ("visual_tokenizer", "pixel_decoder"):
-                _randomize_zero_parameters(components[name])
+                randomize_zero_parameters(components[name])
     # The visual tokenizer's codebook is the decoder's: LaVIT shares one quantizer between them.
     components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
     components["scheduler"] = DDIMScheduler(

@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.utils import cached_file
 
-__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer"]
+__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer"]
 
 _SPIECE_UNDERLINE = "▁"
+SPECIALS = ("<unk>", "<s>", "</s>")
 # tokenizer_config.json classes whose tokenizer.json is loaded as saved (no rebuilt pipeline)
 _BACKEND_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 # hub / cache arguments understood by `cached_file`
@@ -163,3 +165,59 @@ def load_lavit_tokenizer(path_or_folder: str | os.PathLike, **kwargs) -> PreTrai
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _train_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
+    """Deterministic BPE merges over the corpus' words (each with its sentencepiece '▁' prefix)."""
+    words = Counter(tuple("▁" + word) for word in corpus.split())
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent, ties by text
+        merges.append(best)
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def build_llama_style_tokenizer(corpus: str, num_merges: int) -> PreTrainedTokenizerFast:
+    """LLaMA-style byte-fallback BPE trained on `corpus`: `<unk>`=0, `<s>`=1, `</s>`=2, 256 byte tokens, the
+    corpus characters, then up to `num_merges` merges. Pads on the left with `</s>`; `add_special_tokens=True`
+    prepends `<s>` like LLaMA."""
+    merges = _train_merges(corpus, num_merges)
+    pieces = list(SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + sorted(set("▁" + corpus.replace(" ", "▁")))
+    pieces += [a + b for a, b in merges if a + b not in pieces]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )

@@ -276,6 +276,17 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
 
     # ------------------------------------------------------------------ language-model stage
 
+    def default_token_limits(self, min_new_tokens: int | None, max_new_tokens: int | None) -> tuple[int, int]:
+        """(min, max) new visual tokens, None meaning the model's default: at most min(200, the pixel decoder's
+        `num_queries`), at least a tenth of that but never more than the maximum (LaVIT's 200 and 20 for the release)."""
+        most = min(200, self.pixel_decoder.config.num_queries)
+        max_new_tokens = most if max_new_tokens is None else max_new_tokens
+        if min_new_tokens is None:
+            min_new_tokens = max(1, most // 10)
+            if isinstance(max_new_tokens, int):
+                min_new_tokens = min(min_new_tokens, max_new_tokens)
+        return min_new_tokens, max_new_tokens
+
     def encode_prompt(self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None) -> list[torch.Tensor]:
         """Prompts with `<image>` placeholders -> per prompt the LLM ids: text segments tokenised on their own
         (no BOS), each image as its visual codes + offset (no [IMG]/[/IMG]), then `[IMG]`."""
@@ -320,8 +331,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         top_k: int = 50,
         top_p: float = 1.0,
         temperature: float = 1.0,
-        min_new_tokens: int = 20,
-        max_new_tokens: int = 200,
+        min_new_tokens: int | None = None,
+        max_new_tokens: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         cache_implementation: str = "dynamic",
@@ -329,12 +340,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
     ) -> list[torch.Tensor]:
         """The language-model stage alone: prompts -> per image a LongTensor of codebook indices.
 
-        `llm_guidance_scale` defaults to 4.0 for text prompts and 5.0 when the prompts hold images.
+        `llm_guidance_scale` defaults to 4.0 for text prompts and 5.0 when the prompts hold images; the token limits
+        to `default_token_limits`.
         `cache_implementation="static"` (optionally with `compile=True`) decodes with a preallocated KV cache and
         fixed shapes, for `torch.compile`/CUDA graphs; the tokens are the same (see `docs/speed.md`).
         """
         prompts = self._as_prompt_list(prompt)
         images = self.check_image_prompts(prompts, image)
+        min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
         self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
         if llm_guidance_scale is None:
             llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
@@ -498,8 +511,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         top_k: int = 50,
         top_p: float = 1.0,
         temperature: float = 1.0,
-        min_new_tokens: int = 20,
-        max_new_tokens: int = 200,
+        min_new_tokens: int | None = None,
+        max_new_tokens: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -531,8 +544,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             top_k: visual-token top-k (0: off).
             top_p: visual-token nucleus threshold (1.0: off).
             temperature: visual-token softmax temperature.
-            min_new_tokens: fewest visual tokens before `[/IMG]` may end the image.
-            max_new_tokens: most visual tokens per image.
+            min_new_tokens: fewest visual tokens before `[/IMG]` may end the image (default: `default_token_limits`).
+            max_new_tokens: most visual tokens per image (default: `default_token_limits`).
             num_images_per_prompt: images per prompt (each with its own visual tokens).
             generator: a `torch.Generator` (or one per image) for the tokens and the initial noise.
             latents: initial noise (B, C, height/8, width/8).
@@ -558,6 +571,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
+        min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
         self.check_inputs(
             prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
             do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
