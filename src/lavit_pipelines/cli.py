@@ -435,8 +435,12 @@ def run_evaluate(args) -> None:
 
 
 def evaluation_generation_kwargs(args) -> dict:
-    """--steps and --max-new-tokens (None: the model's limits, see `LavitText2ImagePipeline.default_token_limits`)."""
-    return {"num_inference_steps": args.steps, "max_new_tokens": args.max_new_tokens}
+    """--steps, and --max-new-tokens when given (min_new_tokens: LaVIT's 20, or fewer when the maximum is lower);
+    without it the protocol's or the model's limits hold."""
+    kwargs = {"num_inference_steps": args.steps}
+    if args.max_new_tokens is not None:
+        kwargs.update(max_new_tokens=args.max_new_tokens, min_new_tokens=min(20, args.max_new_tokens))
+    return kwargs
 
 
 def evaluate_caption(args, device, dtype):
