@@ -292,3 +292,20 @@ def test_cli_names_bad_training_input(training_base, tmp_path, capsys):
     assert "`data`: " in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["train", "tokenizer", "--model", "m", "--data", "d", "--output", "o"])
+
+
+def test_an_image_without_kept_tokens_trains_as_an_unconditional_row():
+    """Gumbel keep/drop may keep no patch of an image: its row gets the decoder's negative condition, not a crash."""
+    from diffusers import DDPMScheduler
+
+    from lavit_pipelines.tiny import build_tiny_components
+    from lavit_pipelines.training.pixel_decoder import PixelDecoderTrainingModule
+
+    components = build_tiny_components()
+    module = PixelDecoderTrainingModule(components, DDPMScheduler(), condition_dropout=0.0)
+    codes = [torch.arange(5), torch.zeros(0, dtype=torch.long)]
+    hidden, kwargs = module.condition(codes, torch.zeros(2, dtype=torch.bool), (64, 64))
+    reference = components["pixel_decoder"]([torch.arange(5)])
+    assert torch.allclose(hidden[0], reference.prompt_embeds[0], atol=1e-6)
+    assert torch.equal(hidden[1], torch.zeros_like(hidden[1]))  # the high-res negative: zeros
+    assert torch.equal(kwargs["added_cond_kwargs"]["text_embeds"][1], torch.zeros_like(reference.pooled_prompt_embeds[0]))

@@ -36,8 +36,11 @@ class PixelDecoderTrainingModule(nn.Module):
         self.scheduler, self.condition_dropout = scheduler, condition_dropout
 
     def condition(self, codes: list, drop: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        """Codes per image and drop (B,) bool -> UNet encoder states and extra kwargs, dropped rows negative."""
-        out = self.pixel_decoder(codes)
+        """Codes per image and drop (B,) bool -> UNet encoder states and extra kwargs, dropped rows negative.
+        An image that kept no visual token is trained as a dropped (unconditional) row."""
+        empty = torch.tensor([len(c) == 0 for c in codes], device=drop.device)
+        drop = drop | empty
+        out = self.pixel_decoder([c if len(c) else c.new_zeros(1) for c in codes])
         pick = lambda pos, neg: torch.where(drop.view(-1, *[1] * (pos.ndim - 1)), neg, pos)  # noqa: E731
         kwargs = {}
         if out.pooled_prompt_embeds is not None:
