@@ -43,8 +43,8 @@ def test_visual_tokenizer_training_reduces_the_loss_and_writes_a_pipeline(tokeni
     assert {"perplexity", "dead_codes", "keep_ratio", "reconstruction_loss"} <= set(logs[-2])
     validation = {row["step"]: row["validation_loss"] for row in logs if "validation_loss" in row}
     assert list(validation) == [0, 8, 16] and validation[16] < validation[0]
-    pipe = LavitText2ImagePipeline.from_pretrained(tokenizer_run, load_visual_tokenizer=True)
-    base = LavitText2ImagePipeline.from_pretrained(training_base, load_visual_tokenizer=True)
+    pipe = LavitText2ImagePipeline.from_pretrained(tokenizer_run)
+    base = LavitText2ImagePipeline.from_pretrained(training_base)
     new, old = pipe.visual_tokenizer.state_dict(), base.visual_tokenizer.state_dict()
     assert not torch.equal(new["codebook.weight"], old["codebook.weight"])
     assert not torch.equal(new["token_predictor.input_proj.weight"], old["token_predictor.input_proj.weight"])

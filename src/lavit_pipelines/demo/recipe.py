@@ -244,7 +244,7 @@ def write_language_dataset(data: Path, folder: Path, caption_copies: int = 3) ->
 def export(language: Path, decoder: Path, folder: Path) -> None:
     """The final pipeline (with its visual tokenizer) as safetensors: the tokenizer, language model and visual
     tokenizer of the language-model stage, the pixel decoder, UNet, VAE and scheduler of the pixel-decoder stage."""
-    readers = LavitText2ImagePipeline.from_pretrained(language, load_visual_tokenizer=True, dtype=torch.float32)
+    readers = LavitText2ImagePipeline.from_pretrained(language, dtype=torch.float32)
     writers = LavitText2ImagePipeline.from_pretrained(decoder, dtype=torch.float32)
     components = {**writers.components, **{k: readers.components[k] for k in ("tokenizer", "language_model", "visual_tokenizer")}}
     LavitText2ImagePipeline(**components).save_pretrained(folder)

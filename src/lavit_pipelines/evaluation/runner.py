@@ -29,7 +29,9 @@ def load_understanding(model_path: str | Path, device: str = "cpu", dtype: torch
 def load_text2image(model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, visual_tokenizer: bool = False):
     from ..pipelines.text2image import LavitText2ImagePipeline
 
-    return LavitText2ImagePipeline.from_pretrained(model_path, load_visual_tokenizer=visual_tokenizer, dtype=dtype).to(device)
+    return LavitText2ImagePipeline.from_pretrained(
+        model_path, dtype=dtype, **({} if visual_tokenizer else {"visual_tokenizer": None})
+    ).to(device)
 
 
 def load_pipelines(model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

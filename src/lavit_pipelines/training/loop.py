@@ -129,7 +129,7 @@ def load_components(model: Path, names: tuple[str, ...], dtype: torch.dtype = to
     if missing:
         raise ValueError(f"`model`: {model} has no {', '.join(missing)} component, which this stage trains or needs.")
     pipe = LavitText2ImagePipeline.from_pretrained(
-        model, load_visual_tokenizer="visual_tokenizer" in names, dtype={"default": dtype, "vae": torch.float32}, **skipped
+        model, dtype={"default": dtype, "vae": torch.float32}, **skipped
     )
     return {name: getattr(pipe, name) for name in names}
 
