@@ -195,7 +195,7 @@ def test_two_processes_give_the_predictions_of_one(data, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lavit_pipelines.cli", *args, "--output", str(tmp_path / "two")]
     result = subprocess.run(launch, capture_output=True, text=True, env={**SINGLE_THREAD, "ACCELERATE_USE_CPU": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     assert sorted(p.name for p in (tmp_path / "two" / PARTIAL).glob("*.jsonl")) == ["predictions-rank0.jsonl", "predictions-rank1.jsonl"]
     one, two = ((tmp_path / name / "predictions.json").read_text() for name in ("one", "two"))
     assert one == two and len(json.loads(one)) == 4

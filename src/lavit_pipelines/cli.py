@@ -373,11 +373,11 @@ def run_generate_many(args) -> None:
     """Prompts of a file split across the processes of `accelerate launch`; image i is `<dir>/<i:05d>.png`,
     seeded with `seed + i` so the result does not depend on the number of processes."""
     import torch
-    from accelerate import PartialState
 
+    from .evaluation.runner import process_state
     from .pipelines.text2image import LavitText2ImagePipeline
 
-    state = PartialState()
+    state = process_state()
     prompts = list(enumerate(read_prompts(args.prompts)))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,6 +389,7 @@ def run_generate_many(args) -> None:
             image = pipe(prompt, generator=generator, **generation_kwargs(args)).images[0]
             save_image(image, out_dir / f"{index:05d}.png")
             print(out_dir / f"{index:05d}.png")
+    leave_together(state)
 
 
 def run_understanding(args) -> None:
@@ -432,6 +433,15 @@ def run_evaluate(args) -> None:
     metrics = EVALUATIONS[args.task](args, device, dtype)
     if state.is_main_process:
         print(json.dumps(metrics, indent=1))
+    leave_together(state)
+
+
+def leave_together(state) -> None:
+    """The end of a successful `accelerate launch` run: every process waits for the others, then leaves the
+    process group. A process that exits while another is still working makes gloo abort that one."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 def evaluation_generation_kwargs(args) -> dict:
