@@ -88,6 +88,57 @@ def test_language_model_training_reduces_both_losses(tokenizer_run, training_dat
     assert caption_runs(out)
 
 
+def test_prompted_examples_train_understanding_with_the_loss_on_the_text_only(tokenizer_run, training_data, tmp_path):
+    from lavit_pipelines.training.language_model import IGNORE, LanguageModelTrainingModule
+
+    data = tmp_path / "data"
+    shutil.copytree(training_data, data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    metadata_with(data, [{**row, "prompt": "Question: what is it? Answer:", "text": "a square."} for row in rows])
+    out = train(stage_config("language-model", tokenizer_run, data, tmp_path / "out", max_steps=3))
+    assert all(row["understanding_examples"] == 1.0 for row in read_logs(out) if "loss" in row)  # prompts never generate
+    pipe = LavitUnderstandingPipeline.from_pretrained(out)
+    module = LanguageModelTrainingModule(pipe.language_model, pipe.visual_tokenizer, pipe.tokenizer, None)
+    features = torch.zeros(3, pipe.language_model.config.hidden_size)
+    embeds, labels = module.understanding_example(features, [5, 6], [7, 8])
+    assert embeds.shape[0] == 3 + 2 + 2 + 2 + 1  # [IMG] features [/IMG] prompt text </s>
+    assert labels.tolist() == [IGNORE] * 7 + [7, 8, pipe.tokenizer.eos_token_id]
+    metadata_with(data, [{**rows[0], "prompt": 3}])
+    with pytest.raises(ValueError, match='metadata.jsonl:1: "prompt" must be a string'):
+        train(stage_config("language-model", tokenizer_run, data, tmp_path / "refused"))
+
+
+def test_packed_examples_attend_only_to_themselves(training_base):
+    """A packed row gives each example the logits it has alone (a cache in the forward would let the second
+    example see the first one at positions that look like its own)."""
+    from lavit_pipelines.training.language_model import batch_rows, pack, packed_logits
+
+    lm = LavitText2ImagePipeline.from_pretrained(training_base).language_model.eval()
+    embed = lm.get_input_embeddings()
+    examples = [(embed(torch.tensor(ids)), torch.tensor(ids)) for ids in ([5, 6, 7, 8], [9, 10, 11])]
+    rows = pack(examples, max_length=16, packing=True)
+    assert rows == [[0, 1]]
+    embeds, positions, _ = batch_rows(examples, rows, embed(torch.tensor([0])))
+    with torch.no_grad():
+        packed = packed_logits(lm, embeds, positions)[0]
+        alone = [packed_logits(lm, e[None], torch.arange(len(e))[None])[0] for e, _ in examples]
+    torch.testing.assert_close(packed[:4], alone[0])
+    torch.testing.assert_close(packed[4:7], alone[1])
+
+
+def test_reconstruction_decoder_knows_a_kept_token_by_its_rank_not_its_patch():
+    """The pixel decoder sees the kept tokens in order, not where they were: so does stage 1's decoder."""
+    from lavit_pipelines.training.visual_tokenizer import FeatureReconstructionDecoder
+
+    torch.manual_seed(0)
+    decoder = FeatureReconstructionDecoder(4, 8, 16, 8, num_layers=1, num_heads=2, mlp_dim=32).eval()
+    tokens = torch.randn(1, 4, 8)
+    first_two = decoder(tokens, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    moved = decoder(tokens[:, [2, 3, 0, 1]], torch.tensor([[0.0, 0.0, 1.0, 1.0]]))  # the same two, at patches 2 and 3
+    torch.testing.assert_close(first_two, moved)
+    assert not torch.allclose(first_two, decoder(tokens[:, [1, 0, 2, 3]], torch.tensor([[1.0, 1.0, 0.0, 0.0]])))
+
+
 def caption_runs(folder: Path) -> bool:
     pipe = LavitUnderstandingPipeline.from_pretrained(folder)
     return isinstance(pipe(torch.zeros(1, 3, 56, 56), max_new_tokens=4, min_new_tokens=1).text[0], str)

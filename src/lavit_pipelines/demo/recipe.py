@@ -223,20 +223,22 @@ def write_language_dataset(data: Path, folder: Path, caption_copies: int = 3) ->
 
     Per image: its caption `caption_copies` times (the first as a sentence with a final '.', so that the
     understanding pipeline's minimum caption length ends in a '.' it cuts at, the others as users prompt),
-    and each question as `Question: {q} Answer: {a}.` (LaVIT's VQA prompt). The language-model stage reads
-    one text per image file, so every text gets its own file: a hard link where the file system allows."""
+    which the stage mixes into image generation and captioning; and each question as the prompt
+    `Question: {q} Answer:` (LaVIT's VQA prompt) of the text `{a}.`, understanding only, the loss on the
+    answer. The language-model stage reads one text per image file, so every text gets its own file: a hard
+    link where the file system allows."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for row in map(json.loads, (data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()):
-        texts = [row["text"] + "."] + [row["text"]] * (caption_copies - 1)
-        texts += [f"Question: {q} Answer: {a}." for q, a in row["questions"]]
-        for i, text in enumerate(texts):
+        texts = [("", row["text"] + ".")] + [("", row["text"])] * (caption_copies - 1)
+        texts += [(f"Question: {q} Answer:", f"{a}.") for q, a in row["questions"]]
+        for i, (prompt, text) in enumerate(texts):
             name = f"{Path(row['file_name']).stem}-{i}.png"
             try:
                 os.link(data / row["file_name"], folder / name)
             except OSError:
                 shutil.copyfile(data / row["file_name"], folder / name)
-            lines.append(json.dumps({"file_name": name, "text": text}))
+            lines.append(json.dumps({"file_name": name, "prompt": prompt, "text": text}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 

@@ -89,8 +89,13 @@ def gumbel_noise(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 def sample_keep_mask(logprobs: torch.Tensor, generator=None) -> torch.Tensor:
-    """Gumbel-max over (keep, drop): logprobs (B, N, 2) -> keep (B, N) bool."""
-    return (logprobs + gumbel_noise(logprobs, generator)).argmax(dim=-1) == 0
+    """Gumbel-max over (keep, drop): logprobs (B, N, 2) -> keep (B, N) bool. An image whose draw keeps no
+    patch keeps its likeliest one: an image is never zero tokens (which no decoder or LLM prompt can take)."""
+    keep = (logprobs + gumbel_noise(logprobs, generator)).argmax(dim=-1) == 0
+    empty = ~keep.any(dim=1)
+    if empty.any():
+        keep[empty, logprobs[empty, :, 0].argmax(dim=1)] = True
+    return keep
 
 
 def split_per_image(rows: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:

@@ -28,14 +28,16 @@ class TrainingConfig:
     a caption) go to logs.jsonl and OUT/validation/.
 
     Pixel decoder: `train_unet` (full UNet fine-tuning; with `lora=True` the UNet gets LoRA instead),
-    `condition_dropout`, `prediction_type` (None: the scheduler's), `use_ema`/`ema_decay`, `resolution`
+    `condition_dropout`, `prediction_type` (None: the scheduler's), `snr_gamma` (Min-SNR loss weighting with
+    this γ, as diffusers' scripts; None: plain MSE), `use_ema`/`ema_decay`, `resolution`
     (None: the UNet's sample size × the VAE factor).
 
     Language model: `understanding_ratio` (share of `[IMG] features [/IMG] text` samples; the others are
     `text [IMG] codes [/IMG]`), `text_dropout`, `max_length`, `packing`, `train_visual_embeddings` (also
     train the embedding and output rows of [IMG], [/IMG] and the visual ids under LoRA),
-    `init_understanding_head` (copy the stage-1 predictor/merger into the understanding head first, for
-    a model whose understanding head was never trained), `train_understanding_head` (train the
+    `init_understanding_head` (copy the stage-1 predictor/merger into the understanding head first and
+    start its LLM projection as a standardisation of the data's first merged features, for a model whose
+    understanding head was never trained), `train_understanding_head` (train the
     understanding predictor, merger and LLM projection along; False freezes them, e.g. for LoRA on small
     GPUs), `lora_target_modules`.
 
@@ -84,6 +86,7 @@ class TrainingConfig:
     train_unet: bool = False
     condition_dropout: float = 0.1
     prediction_type: str | None = None
+    snr_gamma: float | None = None
     use_ema: bool = False
     ema_decay: float = 0.9999
     resolution: int | None = None
@@ -122,6 +125,8 @@ class TrainingConfig:
         for name in ("codebook_decay", "ema_decay"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in (0, 1), got {getattr(self, name)!r}.")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"`snr_gamma` must be positive or None, got {self.snr_gamma!r}.")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):

@@ -9,11 +9,12 @@ import PIL.Image
 import torch
 
 METADATA = "metadata.jsonl"
+PROMPT = "prompt"  # optional column: a text the language model reads, not learns, before `text`
 
 
 def check_image_folder(folder: Path, text_column: str = "text") -> int:
     """Every line of `folder/metadata.jsonl` must be a JSON object whose `file_name` is a readable image in
-    `folder` and whose `text_column` is a non-empty string. Returns the number of examples; raises a
+    `folder` and whose `text_column` is a non-empty string (and `prompt`, when given, a string). Returns the number of examples; raises a
     ValueError/FileNotFoundError naming the file and line otherwise."""
     metadata = folder / METADATA
     if not metadata.is_file():
@@ -32,6 +33,8 @@ def check_image_folder(folder: Path, text_column: str = "text") -> int:
         text = record.get(text_column)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}: {record['file_name']!r} has no text (a non-empty string \"{text_column}\").")
+        if not isinstance(record.get(PROMPT, ""), str):
+            raise ValueError(f"{where}: \"{PROMPT}\" must be a string (the unlabelled text before \"{text_column}\").")
         image = folder / record["file_name"]
         if not image.is_file():
             raise FileNotFoundError(f"{where}: the image {str(image)!r} does not exist.")
@@ -69,7 +72,8 @@ def load_image_text_dataset(data: str, image_column: str = "image", text_column:
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """Examples `{"index": i, **transform(image, text)}`; the index seeds the example's randomness."""
+    """Examples `{"index": i, **transform(image, text)}`, plus `"prompt"` when the dataset has that column; the
+    index seeds the example's randomness."""
 
     def __init__(self, dataset, transform: Callable, image_column: str = "image", text_column: str = "text"):
         self.dataset, self.transform = dataset, transform
@@ -82,7 +86,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         example = self.dataset[index]
         image = example[self.image_column]
         image = image.convert("RGB") if isinstance(image, PIL.Image.Image) else PIL.Image.open(image).convert("RGB")
-        return {"index": torch.tensor(index), **self.transform(image, example[self.text_column])}
+        item = {"index": torch.tensor(index), **self.transform(image, example[self.text_column])}
+        if PROMPT in example:
+            item[PROMPT] = example[PROMPT] or ""
+        return item
 
 
 def collate(examples: list[dict]) -> dict:

@@ -2,9 +2,10 @@
 
 Generation example: `text [IMG] codes [/IMG]` (stage-1 visual ids; loss on the visual ids and `[/IMG]`; with
 probability `text_dropout` the text is left out, which trains the bare `[IMG]` context that LaVIT's CFG
-uses as its unconditional branch). Understanding example (probability `understanding_ratio`):
-`[IMG] features [/IMG] text </s>` with the stage-2 features of the visual tokenizer's understanding head,
-which trains along (loss on the text and `</s>`). Examples are packed into rows of at most `max_length`
+uses as its unconditional branch). Understanding example (probability `understanding_ratio`, and always
+for an example with a `prompt`, e.g. `Question: {q} Answer:`): `[IMG] features [/IMG] prompt text </s>` with
+the stage-2 features of the visual tokenizer's understanding head, which trains along (loss on the text and
+`</s>`, not on the prompt). Examples are packed into rows of at most `max_length`
 positions; positions restart at 0 for every example, so each attends only to itself. Full fine-tuning, or
 peft LoRA on `lora_target_modules`, optionally with the embedding and output rows of the LaVIT ids trained.
 """
@@ -49,6 +50,13 @@ def batch_rows(examples, rows, pad_embedding: torch.Tensor):
     return torch.stack(embeds), torch.stack(positions).to(device), torch.stack(labels).to(device)
 
 
+def packed_logits(language_model, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits (R, L, V) of packed rows, each example attending only to itself. transformers builds that
+    block-diagonal mask from the restarting `positions` only when no cache is in play: with one, every example
+    would also see the examples before it in its row, at positions that look like its own."""
+    return language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits
+
+
 class LanguageModelTrainingModule(nn.Module):
     """The language model and the visual tokenizer (stage-1 part frozen; understanding head trainable)."""
 
@@ -68,16 +76,19 @@ class LanguageModelTrainingModule(nn.Module):
         labels = [IGNORE] * (len(text_ids) + 1) + visual
         return self.embed(ids), torch.tensor(labels)
 
-    def understanding_example(self, features: torch.Tensor, text_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def understanding_example(self, features: torch.Tensor, prompt_ids: list[int], text_ids: list[int]):
+        """-> embeds and labels of `[IMG] features [/IMG] prompt text </s>`, labelled on `text </s>` only."""
         c = self.language_model.config
         markers = self.embed([c.image_start_token_id, c.image_end_token_id])
         text = text_ids + [self.text_tokenizer.eos_token_id]
-        embeds = torch.cat([markers[:1], features.to(markers.dtype), markers[1:], self.embed(text)])
-        return embeds, torch.tensor([IGNORE] * (len(features) + 2) + text)
+        embeds = torch.cat([markers[:1], features.to(markers.dtype), markers[1:], self.embed(prompt_ids + text)])
+        return embeds, torch.tensor([IGNORE] * (len(features) + 2 + len(prompt_ids)) + text)
 
     def forward(self, batch: dict, generators: list, step: int) -> dict:
         config, pixels = self.config, batch["pixel_values"]
+        prompts = batch.get("prompt", [""] * len(pixels))
         understand = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.understanding_ratio
+        understand |= torch.tensor([bool(prompt) for prompt in prompts])
         drop_text = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.text_dropout
         picks = {flag: [i for i in range(len(pixels)) if bool(understand[i]) == flag] for flag in (True, False)}
         visual = {}
@@ -92,13 +103,14 @@ class LanguageModelTrainingModule(nn.Module):
         for i, text in enumerate(batch["text"]):
             text_ids = self.text_tokenizer(text, add_special_tokens=False).input_ids
             if understand[i]:
-                embeds, labels = self.understanding_example(visual[i], text_ids)
+                prompt_ids = self.text_tokenizer(prompts[i], add_special_tokens=False).input_ids if prompts[i] else []
+                embeds, labels = self.understanding_example(visual[i], prompt_ids, text_ids)
             else:
                 embeds, labels = self.generation_example([] if drop_text[i] else text_ids, visual[i])
             examples.append((embeds[: config.max_length], labels[: config.max_length]))
         pad = self.embed([self.text_tokenizer.pad_token_id or self.text_tokenizer.eos_token_id])
         embeds, positions, labels = batch_rows(examples, pack(examples, config.max_length, config.packing), pad)
-        logits = self.language_model(inputs_embeds=embeds, position_ids=positions).logits[:, :-1].float()
+        logits = packed_logits(self.language_model, embeds, positions)[:, :-1].float()
         targets = labels[:, 1:]
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
         counted = targets.flatten() != IGNORE
@@ -153,6 +165,25 @@ class LanguageModelStage(Stage):
 
     def transform(self, image, text: str) -> dict:
         return {"pixel_values": self.processor.preprocess(image)[0], "text": text}
+
+    @torch.no_grad()
+    def initialize(self, examples: dict) -> None:
+        """With `init_understanding_head`, the LLM projection starts as a standardisation of the merged
+        features of `examples` (mean removed, each channel divided by its spread, then a random projection at
+        the scale of the LLM's input embeddings). Merged features share a large common part that would
+        otherwise hide, in the LLM's RMS-normalised input, what differs between images."""
+        if not self.config.init_understanding_head:
+            return
+        vt, lm = self.components["visual_tokenizer"], self.components["language_model"]
+        projection = vt.llm_projection
+        pixels = examples["pixel_values"].to(projection.weight.device, vt.dtype)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        merged = vt.merge_kept(pixels, vt.understanding_predictor, vt.understanding_merger, generator)[0].float()
+        mean, spread = merged.mean(dim=0), merged.std(dim=0).clamp(min=1e-6)
+        weight = projection.weight.float() / spread  # (out, in): each input channel divided by its spread
+        scale = lm.get_input_embeddings().weight.float().std() / ((merged - mean) @ weight.T).std()
+        projection.weight.copy_(weight * scale)
+        projection.bias.copy_(-(weight * scale) @ mean)
 
     def validate(self, batch, generators, step, folder) -> dict:
         """The loss and a greedy caption of the first validation image."""

@@ -5,13 +5,15 @@ conditioning; the VAE latents are noised at a random timestep and the UNet predi
 velocity (v) with the MSE of diffusers' training scripts. With probability `condition_dropout` an image is
 conditioned on the decoder's negative condition instead (zeros for the high-res decoder, the learned
 `negative_condition` for the low-res one), which is what classifier-free guidance uses at inference.
+With `snr_gamma`, each example's loss is weighted by Min-SNR (`min(SNR, γ) / SNR` for ε, `/(SNR + 1)` for v),
+which puts the weight on the noisy timesteps where the conditioning decides the picture.
 """
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -29,11 +31,11 @@ def per_example(generators: list, draw) -> torch.Tensor:
 class PixelDecoderTrainingModule(nn.Module):
     """Frozen tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
 
-    def __init__(self, components: dict, scheduler: DDPMScheduler, condition_dropout: float):
+    def __init__(self, components: dict, scheduler: DDPMScheduler, condition_dropout: float, snr_gamma: float | None = None):
         super().__init__()
         self.visual_tokenizer, self.pixel_decoder = components["visual_tokenizer"], components["pixel_decoder"]
         self.unet, self.vae = components["unet"], components["vae"]
-        self.scheduler, self.condition_dropout = scheduler, condition_dropout
+        self.scheduler, self.condition_dropout, self.snr_gamma = scheduler, condition_dropout, snr_gamma
 
     def condition(self, codes: list, drop: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
         """Codes per image and drop (B,) bool -> UNet encoder states and extra kwargs, dropped rows negative.
@@ -70,7 +72,15 @@ class PixelDecoderTrainingModule(nn.Module):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return {"loss": F.mse_loss(prediction.float(), target.float()), "dropped": drop.float().mean()}
+        return {"loss": self.loss(prediction.float(), target.float(), timesteps), "dropped": drop.float().mean()}
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """MSE, per example weighted by Min-SNR when `snr_gamma` is set."""
+        if self.snr_gamma is None:
+            return F.mse_loss(prediction, target)
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr)
+        return (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
 
 
 class PixelDecoderStage(Stage):
@@ -98,7 +108,7 @@ class PixelDecoderStage(Stage):
         self.resolution = resolution
         self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         self.processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
-        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout).to(accelerator.device)
+        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(accelerator.device)
         self.ema = None
         if config.use_ema:
             cast_training_params(self.module, torch.float32)  # the EMA copies float32 weights

@@ -31,7 +31,9 @@ def straight_through_keep(logprobs: torch.Tensor, generators, temperature: float
 
 class FeatureReconstructionDecoder(nn.Module):
     """Training-only head: one learned query per patch attends (self) to the other queries and (cross) to
-    the kept tokens, and predicts that patch's encoder feature."""
+    the kept tokens, and predicts that patch's encoder feature. A kept token's position is its rank among the
+    kept tokens, which is all that the pixel decoder knows of it: where a token lies in the image must be in
+    its code."""
 
     def __init__(self, num_patches: int, token_dim: int, hidden_size: int, target_dim: int, num_layers: int,
                  num_heads: int, mlp_dim: int):
@@ -45,7 +47,8 @@ class FeatureReconstructionDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """tokens: (B, N, token_dim), keep: (B, N) 0/1 (with gradients) -> predicted features (B, N, target_dim)."""
-        context = self.input_proj(tokens.to(self.input_proj.weight.dtype)) + self.token_positions
+        ranks = ((keep.detach() > 0.5).long().cumsum(dim=1) - 1).clamp(min=0)
+        context = self.input_proj(tokens.to(self.input_proj.weight.dtype)) + self.token_positions[0, ranks]
         x = self.queries.expand(len(tokens), -1, -1)
         cross = masked_softmax_attention(keep[:, None, None, :])
         for block in self.blocks:
