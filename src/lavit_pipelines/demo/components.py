@@ -69,7 +69,8 @@ def build_components(seed: int = 0) -> dict:
         "unet": lambda: UNet2DConditionModel(
             sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=16, norm_num_groups=8,
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads: 2 and 4 heads of 16.
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=8,
             cross_attention_dim=CONDITION_DIM,
         ),
         "vae": lambda: AutoencoderKL(
@@ -85,10 +86,6 @@ def build_components(seed: int = 0) -> dict:
         # The decoder's queries and code positions are zeros in the release's definition (a checkpoint fills
         # them); trained from scratch they must start apart, or all queries stay identical and ignore the codes.
         randomize_zero_parameters(components["pixel_decoder"])
-        # The decoder reads the l2-normalised codebook (norm 1, spread over 32 channels): its input projection
-        # starts scaled by sqrt(codebook_dim), or the codes barely move its output and the UNet learns to
-        # ignore them.
-        components["pixel_decoder"].input_proj.weight.data.mul_(CODEBOOK_DIM**0.5)
     components["scheduler"] = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
         set_alpha_to_one=False,

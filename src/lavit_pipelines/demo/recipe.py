@@ -56,18 +56,21 @@ class Recipe:
     vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vision_steps: int = 400
+    vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_learning_rate: float = 1e-3
-    tokenizer_steps: int = 300
+    tokenizer_steps: int = 1000
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
-    decoder_steps: int = 400
-    decoder_batch_size: int = 16
+    tokenizer_keep_ratio: float = 1 / 3
+    decoder_steps: int = 3500
+    decoder_batch_size: int = 32
     decoder_learning_rate: float = 1e-3
-    language_steps: int = 700
+    decoder_snr_gamma: float = 5.0
+    language_steps: int = 5000
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
+    language_understanding_ratio: float = 0.3
 
     def scaled(self, fraction: float) -> Recipe:
         """The same recipe with `fraction` of the scenes (at least 16) and of every stage's steps (at least 1)."""
@@ -132,17 +135,16 @@ class RecipeRun:
             self.keys.update(autoencoder.result())
             base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
             # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
-            # Half of the 16 coarse patches are kept on average: a two-object scene needs up to 8 of them.
             tokenizer = self.lavit_stage(
                 "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
-                dead_code_threshold=0.03, target_keep_ratio=0.5,
+                dead_code_threshold=0.03, target_keep_ratio=r.tokenizer_keep_ratio,
             )
             decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", tokenizer, data)
             with single_thread():
                 # The demo's understanding head starts from the stage-1 predictor and merger (never trained).
                 language = self.lavit_stage(
                     "language-model", tokenizer, texts, "language", ("visual-tokenizer", "data-language"),
-                    init_understanding_head=True,
+                    init_understanding_head=True, understanding_ratio=r.language_understanding_ratio,
                 )
             self.keys.update(decoder.result())
         decoder = self.output / "pixel-decoder"
@@ -153,7 +155,11 @@ class RecipeRun:
         return self.stage("autoencoder", lambda out: self.train_autoencoder(data, out), r.settings("vae"), ("data",))
 
     def pixel_decoder_stage(self, tokenizer: Path, data: Path) -> Path:
-        return self.lavit_stage("pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True)
+        # The decoder and the UNet train from scratch on stage 1's codebook (init_decoder_input).
+        return self.lavit_stage(
+            "pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True, init_decoder_input=True,
+            snr_gamma=self.recipe.decoder_snr_gamma,
+        )
 
     def lavit_stage(self, stage: str, model: Path, data: Path, prefix: str, inputs: tuple[str, ...], **options) -> Path:
         """One LaVIT stage with `lavit_pipelines.training`, from `model` on `data`, with the `prefix` settings."""

@@ -29,7 +29,9 @@ class TrainingConfig:
 
     Pixel decoder: `train_unet` (full UNet fine-tuning; with `lora=True` the UNet gets LoRA instead),
     `condition_dropout`, `prediction_type` (None: the scheduler's), `snr_gamma` (Min-SNR loss weighting with
-    this γ, as diffusers' scripts; None: plain MSE), `use_ema`/`ema_decay`, `resolution`
+    this γ, as diffusers' scripts; None: plain MSE), `init_decoder_input` (start the pixel decoder's input
+    projection as a standardisation of its codebook, for a decoder trained from scratch: stage 1's
+    l2-normalised codes may all lie close together), `use_ema`/`ema_decay`, `resolution`
     (None: the UNet's sample size × the VAE factor).
 
     Language model: `understanding_ratio` (share of `[IMG] features [/IMG] text` samples; the others are
@@ -87,6 +89,7 @@ class TrainingConfig:
     condition_dropout: float = 0.1
     prediction_type: str | None = None
     snr_gamma: float | None = None
+    init_decoder_input: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
     resolution: int | None = None

@@ -28,6 +28,19 @@ def per_example(generators: list, draw) -> torch.Tensor:
     return torch.cat([draw(generator) for generator in generators])
 
 
+@torch.no_grad()
+def standardize_decoder_input(decoder) -> None:
+    """Make the decoder's input projection see its codebook standardised per channel (mean over the codes
+    removed, each channel divided by its spread), so that codes close together on the sphere still give the
+    decoder inputs as far apart as its initialisation expects."""
+    codes = decoder.codebook.weight.float()
+    mean, spread = codes.mean(dim=0), codes.std(dim=0).clamp(min=1e-6)
+    projection = decoder.input_proj
+    weight = projection.weight.float() / spread
+    projection.bias.copy_(projection.bias.float() - weight @ mean)
+    projection.weight.copy_(weight)
+
+
 class PixelDecoderTrainingModule(nn.Module):
     """Frozen tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
 
@@ -92,6 +105,8 @@ class PixelDecoderStage(Stage):
         tokenizer.requires_grad_(False)
         vae.requires_grad_(False)
         unet.requires_grad_(config.train_unet and not config.lora)
+        if config.init_decoder_input:
+            standardize_decoder_input(decoder)
         if config.lora:
             from peft import LoraConfig
 
