@@ -266,6 +266,8 @@ def test_bad_settings_and_an_occupied_output_fail_before_training(training_base,
         stage_config("pixel-decoder", training_base, training_data, tmp_path / "out", batch_size=0)
     with pytest.raises(FileNotFoundError, match="`model`"):
         stage_config("pixel-decoder", tmp_path / "nowhere", training_data, tmp_path / "out")
+    with pytest.raises(ValueError, match="`snr_gamma` must be positive or None"):
+        stage_config("pixel-decoder", training_base, training_data, tmp_path / "out", snr_gamma=0.0)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -360,3 +362,35 @@ def test_an_image_without_kept_tokens_trains_as_an_unconditional_row():
     assert torch.allclose(hidden[0], reference.prompt_embeds[0], atol=1e-6)
     assert torch.equal(hidden[1], torch.zeros_like(hidden[1]))  # the high-res negative: zeros
     assert torch.equal(kwargs["added_cond_kwargs"]["text_embeds"][1], torch.zeros_like(reference.pooled_prompt_embeds[0]))
+
+
+def test_min_snr_weighting_follows_diffusers_formula():
+    """snr_gamma weights each example's MSE by min(SNR, γ) / SNR (ε) or / (SNR + 1) (v), as diffusers' scripts do."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from lavit_pipelines.tiny import build_tiny_components
+    from lavit_pipelines.training.pixel_decoder import PixelDecoderTrainingModule
+
+    prediction, target, timesteps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([10, 500, 990])
+    per_example = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    for prediction_type, denominator in (("epsilon", 0), ("v_prediction", 1)):
+        scheduler = DDPMScheduler(prediction_type=prediction_type)
+        module = PixelDecoderTrainingModule(build_tiny_components(), scheduler, 0.0, snr_gamma=5.0)
+        snr = compute_snr(scheduler, timesteps)
+        expected = (per_example * torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + denominator)).mean()
+        torch.testing.assert_close(module.loss(prediction, target, timesteps), expected)
+    plain = PixelDecoderTrainingModule(build_tiny_components(), DDPMScheduler(), 0.0)
+    torch.testing.assert_close(plain.loss(prediction, target, timesteps), per_example.mean())
+
+
+def test_decoder_input_starts_standardised_to_its_codebook():
+    from lavit_pipelines.tiny import build_tiny_components
+    from lavit_pipelines.training.pixel_decoder import standardize_decoder_input
+
+    decoder = build_tiny_components()["pixel_decoder"]
+    codes = decoder.codebook.weight.data
+    codes.mul_(0.05).add_(1.0)  # codes close together, as an l2-normalised stage-1 codebook can be
+    before = decoder.input_proj(((codes - codes.mean(0)) / codes.std(0))).detach()
+    standardize_decoder_input(decoder)
+    torch.testing.assert_close(decoder.input_proj(codes).detach(), before, atol=2e-3, rtol=1e-3)

@@ -159,3 +159,13 @@ def test_tiny_components_are_seeded():
     assert not a["encoder.position_embedding"].equal(c["encoder.position_embedding"])
     # Nothing is left at a constant initialisation (no mapping can hide behind zeros).
     assert all(v.count_nonzero() for v in a.values())
+
+
+def test_an_image_always_keeps_a_patch():
+    """A draw that keeps no patch of an image keeps its likeliest one (zero visual tokens fit no decoder)."""
+    from lavit_pipelines.models.visual_tokenizer import sample_keep_mask
+
+    keep_logprob = torch.tensor([[-60.0, -50.0, -70.0], [60.0, 60.0, 60.0]])  # image 0 drops every patch, image 1 none
+    logprobs = torch.stack([keep_logprob, torch.zeros_like(keep_logprob)], dim=-1).log_softmax(dim=-1)
+    keep = sample_keep_mask(logprobs, generator=torch.Generator().manual_seed(0))
+    assert keep[0].tolist() == [False, True, False] and keep[1].all()
