@@ -29,8 +29,8 @@ def test_default_model_is_a_small_pipeline_folder():
 
 
 def test_generation_is_seeded_and_draws_on_the_white_canvas(t2i):
-    """The shipped model's pictures are not yet what the prompt asks (see docs/demo-model.md for the measured
-    accuracies); what holds: a seed gives one picture, and it is coloured shapes on a mostly white canvas."""
+    """The shipped model's pictures often miss the asked colour, shape or place (see docs/demo-model.md for the
+    measured accuracies); what holds: a seed gives one picture, and it is coloured shapes on a white canvas."""
     first, second = (t2i("a red circle in the center", generator=torch.Generator().manual_seed(0)) for _ in range(2))
     assert first.images[0].tobytes() == second.images[0].tobytes()
     assert 1 <= len(first.visual_token_ids[0]) <= 16
@@ -43,16 +43,33 @@ def scenes(seed: int, count: int) -> list[shapes.Scene]:
     return [shapes.random_scene(rng) for _ in range(count)]
 
 
-def test_answers_use_the_worlds_words(understanding):
-    """The shipped model's understanding is weak (see docs/demo-model.md); what holds: answers are words of the
-    world's answer vocabulary for each kind of question."""
-    held_out = scenes(seed=12345, count=4)
-    images = [shapes.render(scene) for scene in held_out]
+@pytest.fixture(scope="module")
+def held_out():
+    """Eight scenes no training seed draws, and their renders."""
+    chosen = scenes(seed=12345, count=8)
+    return chosen, [shapes.render(scene) for scene in chosen]
+
+
+def test_captions_name_the_colours_of_held_out_scenes(understanding, held_out):
+    chosen, images = held_out
+    captions = understanding.caption(images, generator=torch.Generator().manual_seed(0))
+    facts = [shapes.parse_caption(caption) for caption in captions]
+    assert all(fact is not None for fact in facts), captions  # the world's grammar
+    right = [[c for c, _ in fact.objects] == [o.color for o in scene.objects] for fact, scene in zip(facts, chosen)]
+    # measured 6 of 8 here (chance: about 1); the margin is for other machines' float rounding
+    assert sum(right) >= 5, list(zip(captions, [scene.caption for scene in chosen]))
+
+
+def test_answers_count_and_colour_held_out_scenes(understanding, held_out):
+    chosen, images = held_out
     generator = torch.Generator().manual_seed(0)
-    colors = understanding.answer(images, [scene.questions()[0][0] for scene in held_out], generator=generator)
-    assert set(colors) <= set(shapes.COLORS), colors
     counts = understanding.answer(images, "how many shapes are there?", generator=generator)
-    assert set(counts) <= {"one", "two"}, counts
+    truth = ["one" if len(scene.objects) == 1 else "two" for scene in chosen]
+    assert sum(c == t for c, t in zip(counts, truth)) >= 7, counts  # measured 8 of 8
+    questions = [scene.questions()[0] for scene in chosen]  # what color is the {first shape}?
+    colors = understanding.answer(images, [q for q, _ in questions], generator=generator)
+    assert set(colors) <= set(shapes.COLORS), colors
+    assert sum(c == a for c, (_, a) in zip(colors, questions)) >= 4, list(zip(colors, questions))  # 5 of 8 here
 
 
 def test_reconstruction_and_image_prompt_run(t2i):
