@@ -140,6 +140,19 @@ def test_stable_diffusion_mixin(pipe):
 
 
 
+def test_a_pipeline_saved_with_fused_projections_loads_and_draws_the_same(tmp_path):
+    """diffusers keeps the fused layers after unfusing and saves them beside to_q/to_k/to_v; they are copies, so
+    loading such a folder works, as with diffusers' own loader, and gives the same images."""
+    fused = LavitText2ImagePipeline(**build_tiny_components())
+    fused.set_progress_bar_config(disable=True)
+    expected = fused(**inputs()).images
+    fused.fuse_qkv_projections()
+    fused.save_pretrained(tmp_path)
+    loaded = LavitText2ImagePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert np.abs(loaded(**inputs()).images - expected).max() < 1e-5
+
+
 def test_vae_slicing_keeps_the_result(pipe):
     """diffusers 0.42 moved VAE slicing/tiling from the pipelines to the VAE (`pipe.vae.enable_slicing()`)."""
     expected = pipe(**inputs(batch=2)).images

@@ -162,6 +162,11 @@ def meta_model(name: str, folder: Path, model_cls):
         raise ValueError(f"The component `{name}`: could not build {model_cls.__name__} from the config in {folder}: {error}") from error
 
 
+# diffusers' `fuse_qkv_projections` adds these layers, copies of to_q/to_k/to_v (which stay and are saved too);
+# `unfuse_qkv_projections` keeps them, so a pipeline saved after fusing holds them, and diffusers' loader drops them.
+FUSED_PROJECTIONS = (r"\.to_qkv\.", r"\.to_kv\.", r"\.to_added_qkv\.")
+
+
 def _ignored(key: str, patterns) -> bool:
     return any(re.search(pattern, key) for pattern in patterns or ())
 
@@ -185,7 +190,8 @@ def check_component_weights(name: str, folder: Path, model_cls, variant: str | N
     present = {id(state[key]) for key in stored.keys() & expected.keys()}  # a tied tensor is stored under one name
     missing = [k for k in expected if k not in stored and id(state[k]) not in present
                and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_missing", None))]
-    unexpected = [k for k in stored if k not in expected and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None))]
+    ignored = (*(getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None) or ()), *FUSED_PROJECTIONS)
+    unexpected = [k for k in stored if k not in expected and not _ignored(k, ignored)]
     for problem, keys in (("lack", missing), ("hold unexpected", unexpected)):
         if keys:
             raise ValueError(
