@@ -93,3 +93,72 @@ def write_image_folder(folder: Path, count: int = 8, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def training_data(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("training") / "data")
+
+
+# ------------------------------------------------------------------ converted pipelines, guarded
+
+
+class ModelRan(Exception):
+    """Raised by a guarded model that runs: input checks must fire before any model does."""
+
+
+def forbid(*modules):
+    """Forward pre-hooks that raise ModelRan; returns their handles."""
+
+    def hook(module, _):
+        raise ModelRan(type(module).__name__)
+
+    return [module.register_forward_pre_hook(hook) for module in modules]
+
+
+def forbid_tokenizing(monkeypatch, visual_tokenizer) -> None:
+    """The visual tokenizer's entry points (methods, not `forward`, so hooks do not see them) raise too."""
+
+    def run(*_, **__):
+        raise ModelRan("LavitVisualTokenizer")
+
+    for method in ("tokenize", "encode_features"):
+        monkeypatch.setattr(visual_tokenizer, method, run)
+
+
+def loaded(pipeline_cls, folder: Path):
+    pipe = pipeline_cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def guarded(pipe, monkeypatch, model_names: tuple[str, ...]):
+    """Yields `pipe` with the named models (and the visual tokenizer's entry points) raising ModelRan."""
+    handles = forbid(*(getattr(pipe, name) for name in model_names))
+    forbid_tokenizing(monkeypatch, pipe.visual_tokenizer)
+    yield pipe
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def t2i(converted_dir):
+    """The converted tiny checkpoint's text-to-image pipeline (one per test module)."""
+    from lavit_pipelines import LavitText2ImagePipeline
+
+    return loaded(LavitText2ImagePipeline, converted_dir)
+
+
+@pytest.fixture
+def guarded_t2i(t2i, monkeypatch):
+    """`t2i` whose models raise ModelRan if they run."""
+    yield from guarded(t2i, monkeypatch, ("language_model", "visual_tokenizer", "pixel_decoder", "unet", "vae"))
+
+
+@pytest.fixture(scope="module")
+def understanding(converted_dir):
+    """The converted tiny checkpoint's understanding pipeline (one per test module)."""
+    from lavit_pipelines import LavitUnderstandingPipeline
+
+    return loaded(LavitUnderstandingPipeline, converted_dir)
+
+
+@pytest.fixture
+def guarded_understanding(understanding, monkeypatch):
+    """`understanding` whose models raise ModelRan if they run."""
+    yield from guarded(understanding, monkeypatch, ("language_model", "visual_tokenizer"))

@@ -25,61 +25,6 @@ from lavit_pipelines.cli import main
 from lavit_pipelines.tiny import tiny_pipeline_path
 
 
-class ModelRan(Exception):
-    pass
-
-
-def forbid(*modules):
-    """Forward pre-hooks that raise: the checks must fire before any model runs."""
-
-    def hook(module, _):
-        raise ModelRan(type(module).__name__)
-
-    return [module.register_forward_pre_hook(hook) for module in modules]
-
-
-@pytest.fixture(scope="module")
-def t2i(converted_dir):
-    pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def forbid_tokenizing(monkeypatch, visual_tokenizer) -> None:
-    """The visual tokenizer's entry points (methods, not `forward`, so hooks do not see them) raise too."""
-
-    def run(*_, **__):
-        raise ModelRan("LavitVisualTokenizer")
-
-    for method in ("tokenize", "encode_features"):
-        monkeypatch.setattr(visual_tokenizer, method, run)
-
-
-@pytest.fixture
-def guarded_t2i(t2i, monkeypatch):
-    handles = forbid(t2i.language_model, t2i.visual_tokenizer, t2i.pixel_decoder, t2i.unet, t2i.vae)
-    forbid_tokenizing(monkeypatch, t2i.visual_tokenizer)
-    yield t2i
-    for handle in handles:
-        handle.remove()
-
-
-@pytest.fixture(scope="module")
-def understanding(converted_dir):
-    pipe = LavitUnderstandingPipeline.from_pretrained(converted_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture
-def guarded_understanding(understanding, monkeypatch):
-    handles = forbid(understanding.language_model, understanding.visual_tokenizer)
-    forbid_tokenizing(monkeypatch, understanding.visual_tokenizer)
-    yield understanding
-    for handle in handles:
-        handle.remove()
-
-
 def linked_copy(src: Path, dst: Path) -> Path:
     """A copy of a folder whose files are hard links (cheap); edit files only through `rewrite`."""
     shutil.copytree(src, dst, copy_function=os.link)
