@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..image_processor import LavitImageProcessor
+from .data import PROMPT
 from .loop import Stage, lora_layers
 from .pixel_decoder import per_example
 
@@ -86,7 +87,7 @@ class LanguageModelTrainingModule(nn.Module):
 
     def forward(self, batch: dict, generators: list, step: int) -> dict:
         config, pixels = self.config, batch["pixel_values"]
-        prompts = batch.get("prompt", [""] * len(pixels))
+        prompts = batch.get(PROMPT, [""] * len(pixels))
         understand = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.understanding_ratio
         understand |= torch.tensor([bool(prompt) for prompt in prompts])
         drop_text = per_example(generators, lambda g: torch.rand(1, generator=g)) < config.text_dropout
