@@ -2,6 +2,8 @@
 projections while sampling, SDPA in the vision/decoder attention, offloading, VAE tiling/slicing,
 channels_last and `low_cpu_mem_usage` loading."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,25 @@ def test_sampling_runs_the_stock_linear_forward(llm):
         for hook in hooks:
             hook.remove()
     assert replaced and not any(replaced)
+
+
+def test_only_the_head_rows_that_can_be_sampled_are_computed(llm):
+    """NaN in every suppressed row of the output head changes no token (with the full head, NaN logits would
+    spread through the guidance's log-softmax), and a model whose head runs under an accelerate hook takes the
+    full head and gives the same tokens."""
+    greedy, (seeded, state) = sample(llm, False), run_seeded(llm, 3)
+    poisoned = copy.deepcopy(llm)
+    with torch.no_grad():
+        poisoned.lm_head.weight[3:32000] = float("nan")
+    assert generation.can_slice_head(poisoned)
+    assert torch.equal(sample(poisoned, False), greedy)
+    tokens, poisoned_state = run_seeded(poisoned, 3)
+    assert torch.equal(tokens, seeded) and torch.equal(poisoned_state, state)
+    hooked = copy.deepcopy(llm)
+    hooked.lm_head._hf_hook = object()  # what accelerate's add_hook_to_module leaves on a module
+    assert not generation.can_slice_head(hooked)
+    assert torch.equal(sample(hooked, False), greedy)
+    assert torch.equal(run_seeded(hooked, 3)[0], seeded)
 
 
 # ------------------------------------------------------------------ vision / decoder attention

@@ -6,6 +6,11 @@ mixed exactly as that processor mixes them (`g * (log_softmax(c) - log_softmax(u
 and the rest of the processing follows transformers 4.33's order (minimum length, suppression, then
 temperature, top-k, top-p). Everything runs on the model's device.
 
+The output head computes only the logits of ids that can be sampled (LaVIT suppresses the 32000 text ids
+after `[IMG]`, two thirds of its vocabulary); the others are -inf, which gives the same distribution as the
+original's full logits, since the guidance's log-softmax constants cancel in every later step. Models whose
+head runs inside accelerate hooks (offload, device maps) keep the full head.
+
 Speed knobs (all keep the sampled tokens and the random-number consumption unchanged):
 
 * `cache_implementation="static"`: a preallocated `transformers.StaticCache` with a fixed-size padding
@@ -24,7 +29,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StaticCache
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
@@ -138,11 +143,39 @@ def execution_device(model) -> torch.device:
     return model.device
 
 
-def _last_logits(model, ids, mask, positions, cache) -> torch.Tensor:
-    """One forward; (rows, V) logits of the last position."""
-    return model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
+def sampled_id_runs(never_sampled: torch.Tensor) -> tuple[slice, ...]:
+    """never_sampled (V,) bool -> the runs of ids that can be sampled, as slices (LaVIT: [0, 3) and [32000, V))."""
+    edges = torch.diff(torch.cat([never_sampled.new_ones(1), never_sampled.cpu(), never_sampled.new_ones(1)]).int())
+    starts, stops = (edges == -1).nonzero().flatten().tolist(), (edges == 1).nonzero().flatten().tolist()
+    return tuple(slice(start, stop) for start, stop in zip(starts, stops))
+
+
+def can_slice_head(model) -> bool:
+    """Whether the output head can be read in slices: a transformers model whose `base_model` gives the hidden
+    states and whose `lm_head` is a plain `nn.Linear` (not a quantised or adapter layer) without bias, with its
+    weights in place, and no accelerate hook on the model or the head (offload and device maps move the
+    weights inside those hooks)."""
+    head = getattr(model, "lm_head", None)
+    return (
+        isinstance(model, PreTrainedModel) and model.base_model is not model and type(head) is torch.nn.Linear and head.bias is None and head.weight.is_floating_point()
+        and head.weight.device.type != "meta" and not hasattr(model, "_hf_hook") and not hasattr(head, "_hf_hook")
+    )
+
+
+def _last_logits(model, ids, mask, positions, cache, id_runs: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """One forward; (rows, V) logits of the last position. With `id_runs`, only those ids' logits are computed
+    (rows of the head that are never read for the others) and the other ids get -inf."""
+    if id_runs is None:
+        return model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    hidden = hidden.last_hidden_state[:, -1]
+    weight = model.lm_head.weight
+    logits = hidden.new_full((len(hidden), weight.shape[0]), -float("inf"))
+    for run in id_runs:
+        logits[:, run] = torch.nn.functional.linear(hidden, weight[run])
+    return logits
 
 
 def _static_state(model, rows: int, max_cache_len: int, compile: bool) -> tuple[StaticCache, object]:
@@ -218,6 +251,7 @@ def sample_visual_tokens(
 
     vocab_size = model.config.vocab_size
     early_mask, late_mask = suppression_masks(vocab_size, suppress_ids, eos_token_id, device)
+    id_runs = sampled_id_runs(late_mask) if can_slice_head(model) else None
     warpers = logits_warpers(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     interval = stop_check_interval or (1 if device.type == "cpu" else 8)
     if do_sample and not _can_rewind(generator, device):
@@ -230,7 +264,7 @@ def sample_visual_tokens(
     produced, reported = max_new_tokens, 0
     for step in range(max_new_tokens):
         forward = _last_logits if step == 0 else step_fn  # the prefill is never compiled
-        scores = guided_scores(forward(model, ids, mask, positions, cache).float(), guidance_scale)
+        scores = guided_scores(forward(model, ids, mask, positions, cache, id_runs).float(), guidance_scale)
         scores = scores.masked_fill(early_mask if step < min_new_tokens else late_mask, -float("inf"))
         scores = warpers(generated[:, :step], scores)
         next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)
