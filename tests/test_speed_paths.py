@@ -159,6 +159,12 @@ def test_only_the_head_rows_that_can_be_sampled_are_computed(llm):
     assert not generation.can_slice_head(hooked)
     assert torch.equal(sample(hooked, False), greedy)
     assert torch.equal(run_seeded(hooked, 3)[0], seeded)
+    calls = []
+    handle = llm.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        assert torch.equal(sample(llm, False), greedy) and calls  # a caller's hook on the model still runs
+    finally:
+        handle.remove()
 
 
 # ------------------------------------------------------------------ vision / decoder attention

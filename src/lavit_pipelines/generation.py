@@ -153,13 +153,19 @@ def sampled_id_runs(never_sampled: torch.Tensor) -> tuple[slice, ...]:
 def can_slice_head(model) -> bool:
     """Whether the output head can be read in slices: a transformers model whose `base_model` gives the hidden
     states and whose `lm_head` is a plain `nn.Linear` (not a quantised or adapter layer) without bias, with its
-    weights in place, and no accelerate hook on the model or the head (offload and device maps move the
-    weights inside those hooks)."""
+    weights in place, and no hook on the model or the head (accelerate's offload and device maps move the
+    weights inside theirs; a caller's forward hooks expect the module's own forward to run)."""
     head = getattr(model, "lm_head", None)
     return (
-        isinstance(model, PreTrainedModel) and model.base_model is not model and type(head) is torch.nn.Linear and head.bias is None and head.weight.is_floating_point()
-        and head.weight.device.type != "meta" and not hasattr(model, "_hf_hook") and not hasattr(head, "_hf_hook")
+        isinstance(model, PreTrainedModel) and model.base_model is not model and type(head) is torch.nn.Linear
+        and head.bias is None and head.weight.is_floating_point() and head.weight.device.type != "meta"
+        and not any(has_hooks(module) for module in (model, head))
     )
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """An accelerate hook or a forward (pre-)hook on `module` itself."""
+    return hasattr(module, "_hf_hook") or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
 
 def _last_logits(model, ids, mask, positions, cache, id_runs: tuple[slice, ...] | None = None) -> torch.Tensor:
