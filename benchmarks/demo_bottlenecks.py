@@ -6,8 +6,9 @@ read back at each step of the generation path.
 - Linear probes (softmax regression, trained on 80 % of `--num-scenes` one-object renders, accuracy on the
   rest) on: the ViT's patch features, the keep mask, the kept codes as a set and by rank (what the pixel
   decoder and the language model see), and the pixel decoder's UNet condition.
-- Pictures judged by `worlds.shapes.analyze`: the VAE's round trip (the ceiling of any generated picture) and
-  the pixel decoder + UNet's reconstruction from each image's own visual tokens (the ceiling of text-to-image).
+- Pictures judged as `lavit evaluate shapes` judges generations (`evaluation.shapes.judge_generation`): the
+  VAE's round trip (the ceiling of any generated picture) and the pixel decoder + UNet's reconstruction from
+  each image's own visual tokens (the ceiling of text-to-image).
 
 Chance: colour 1/6, shape 1/3, position 1/5.
 """
@@ -24,7 +25,8 @@ from demo_quality import default_model
 from lavit_pipelines import LavitText2ImagePipeline
 from lavit_pipelines.image_processor import LavitImageProcessor
 from lavit_pipelines.models.visual_tokenizer import sample_keep_mask
-from lavit_pipelines.worlds.shapes import COLORS, POSITIONS, SHAPES, analyze, render, single_scene
+from lavit_pipelines.evaluation.shapes import judge_generation
+from lavit_pipelines.worlds.shapes import COLORS, POSITIONS, SHAPES, render, single_scene
 from machine import describe_machine
 
 FACTS = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
@@ -72,15 +74,9 @@ def representations(pipe, images) -> dict[str, torch.Tensor]:
 
 
 def picture_accuracy(scenes, pictures) -> dict[str, float]:
-    """Share of pictures whose analysed object has the scene's colour, shape and position."""
-    hits = {fact: 0 for fact in FACTS}
-    for scene, picture in zip(scenes, pictures):
-        seen = analyze(picture)
-        if seen:
-            hits["color"] += seen[0].color == scene.objects[0].color
-            hits["shape"] += seen[0].shape == scene.objects[0].shape
-            hits["position"] += seen[0].position == scene.position
-    return {fact: n / len(scenes) for fact, n in hits.items()}
+    """Share of pictures whose object has the scene's colour, shape and position (`judge_generation`)."""
+    judgements = [judge_generation(scene, picture) for scene, picture in zip(scenes, pictures)]
+    return {fact: sum(j[fact] for j in judgements) / len(judgements) for fact in FACTS}
 
 
 @torch.no_grad()

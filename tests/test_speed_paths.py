@@ -144,8 +144,8 @@ def test_sampling_runs_the_stock_linear_forward(llm):
 
 def test_only_the_head_rows_that_can_be_sampled_are_computed(llm):
     """NaN in every suppressed row of the output head changes no token (with the full head, NaN logits would
-    spread through the guidance's log-softmax), and a model whose head runs under an accelerate hook takes the
-    full head and gives the same tokens."""
+    spread through the guidance's log-softmax); a model whose head runs under an accelerate hook takes the
+    full head and gives the same tokens, and a caller's forward hook on the model still runs."""
     greedy, (seeded, state) = sample(llm, False), run_seeded(llm, 3)
     poisoned = copy.deepcopy(llm)
     with torch.no_grad():

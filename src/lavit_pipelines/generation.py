@@ -8,8 +8,9 @@ temperature, top-k, top-p). Everything runs on the model's device.
 
 The output head computes only the logits of ids that can be sampled (LaVIT suppresses the 32000 text ids
 after `[IMG]`, two thirds of its vocabulary); the others are -inf, which gives the same distribution as the
-original's full logits, since the guidance's log-softmax constants cancel in every later step. Models whose
-head runs inside accelerate hooks (offload, device maps) keep the full head.
+original's full logits, since the guidance's log-softmax constants cancel in every later step. The full
+head is kept where slicing would change what runs (`can_slice_head`: hooks on the model or the head, as
+accelerate's offload and device maps add; quantised, adapter or biased heads).
 
 Speed knobs (all keep the sampled tokens and the random-number consumption unchanged):
 
