@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lavit_pipelines import LavitText2ImagePipeline
 from lavit_pipelines import generation
@@ -165,6 +165,27 @@ def test_only_the_head_rows_that_can_be_sampled_are_computed(llm):
         assert torch.equal(sample(llm, False), greedy) and calls  # a caller's hook on the model still runs
     finally:
         handle.remove()
+
+
+def test_head_logits_are_computed_row_by_row_as_the_original_does(llm):
+    """Every CFG row's visual-id logits are bit for bit that row's product alone with the full head, as in the
+    original's separate conditional and unconditional forwards; so is a 2 x 16386 x 512 product (the benchmark's
+    size), where one 2-row GEMM gives other bits."""
+    ids, mask = generation.left_pad(PROMPTS + [torch.tensor([IMG])] * 3, PAD)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    runs = generation.sampled_id_runs(generation.suppression_masks(llm.config.vocab_size, range(3, 32000), END_IMG, "cpu")[1])
+    with torch.no_grad():
+        logits = generation._last_logits(llm, ids, mask, positions, DynamicCache(config=llm.config), runs)
+        hidden = llm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        for row in range(len(ids)):
+            alone = llm.lm_head(hidden[row : row + 1])[0]
+            assert torch.equal(logits[row, IMG:], alone[IMG:])
+            torch.testing.assert_close(logits[row, :3], alone[:3], rtol=0, atol=1e-6)  # 3 ids: another BLAS kernel
+        assert torch.isinf(logits[:, 3:IMG]).all()
+        weight, rows = torch.randn(16386, 512), torch.randn(2, 512)
+        product = generation.rowwise_linear(rows, weight)
+        assert all(torch.equal(product[row], F.linear(rows[row : row + 1], weight)[0]) for row in range(2))
+        assert not torch.equal(product, F.linear(rows, weight))
 
 
 # ------------------------------------------------------------------ vision / decoder attention
