@@ -84,7 +84,7 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "denoising steps (default: 25)" in text and "decoder guidance (default: 7.0)" in text
+    assert "denoising steps (default: 25)" in text and "decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)" in text
     assert "NAME-0.png" in text and "(default: None)" not in text
 
 

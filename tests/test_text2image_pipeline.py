@@ -212,6 +212,28 @@ def test_every_component_loads_and_saving_keeps_it(converted_dir, tmp_path):
     assert understanding.visual_tokenizer is not None
 
 
+def test_default_guidance_scale_is_a_setting_of_the_folder(pipe, small, tmp_path):
+    """`default_guidance_scale` travels in model_index.json, is what a call without `guidance_scale` uses, does
+    not stop the understanding pipeline from loading the folder, and a bad value is refused before loading."""
+    assert pipe.config.default_guidance_scale == 7.0  # LaVIT's, for folders that do not say
+    LavitText2ImagePipeline(**pipe.components, default_guidance_scale=2.5).save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["default_guidance_scale"] == 2.5
+    reloaded = LavitText2ImagePipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(visual_token_ids=[torch.arange(40)], latents=latents, output_type="np", **small)
+    default = reloaded(**kwargs).images
+    assert np.array_equal(default, reloaded(**kwargs, guidance_scale=2.5).images)
+    assert not np.array_equal(default, reloaded(**kwargs, guidance_scale=7.0).images)
+    assert LavitUnderstandingPipeline.from_pretrained(tmp_path / "saved").visual_tokenizer is not None
+    index_path = tmp_path / "saved" / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "default_guidance_scale": -1}))
+    with pytest.raises(ValueError, match="default_guidance_scale"):
+        LavitText2ImagePipeline.from_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="`default_guidance_scale` must be a finite number"):
+        LavitText2ImagePipeline(**pipe.components, default_guidance_scale=float("nan"))
+
+
 def test_visual_tokenizer_skipped_only_when_passed_none(converted_dir):
     pipe = LavitText2ImagePipeline.from_pretrained(converted_dir, visual_tokenizer=None)
     assert pipe.visual_tokenizer is None

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default: the model's native size)")
     gen.add_argument("--aspect-ratio", help="one of LaVIT's sizes: 1:1, 4:3, 3:2, 16:9, 2:3, 3:4")
     gen.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.0, help="decoder guidance")
+    gen.add_argument("--guidance-scale", type=float,
+                     help="decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)")
     gen.add_argument("--llm-guidance-scale", type=float, help="visual-token guidance (default 4.0, 5.0 with images)")
     gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)")
     gen.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")

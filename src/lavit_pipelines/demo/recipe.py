@@ -71,6 +71,9 @@ class Recipe:
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
     language_understanding_ratio: float = 0.3
+    # Decoder guidance of the shipped pipeline (`default_guidance_scale`): LaVIT's 7.0 overdrives this small UNet;
+    # 2.5 was the best of 1-7 on `demo_quality`'s prompts of seed 0 and held on those of seed 1 (docs/demo-model.md).
+    model_guidance_scale: float = 2.5
 
     def scaled(self, fraction: float) -> Recipe:
         """The same recipe with `fraction` of the scenes (at least 16) and of every stage's steps (at least 1)."""
@@ -148,7 +151,10 @@ class RecipeRun:
                 )
             self.keys.update(decoder.result())
         decoder = self.output / "pixel-decoder"
-        return self.stage("model", lambda out: export(language, decoder, out), {}, ("language-model", "pixel-decoder"))
+        return self.stage(
+            "model", lambda out: export(language, decoder, out, r.model_guidance_scale), r.settings("model"),
+            ("language-model", "pixel-decoder"),
+        )
 
     def autoencoder_stage(self, data: Path) -> Path:
         r = self.recipe
@@ -249,13 +255,14 @@ def write_language_dataset(data: Path, folder: Path, caption_copies: int = 3) ->
     return folder
 
 
-def export(language: Path, decoder: Path, folder: Path) -> None:
+def export(language: Path, decoder: Path, folder: Path, guidance_scale: float) -> None:
     """The final pipeline (with its visual tokenizer) as safetensors: the tokenizer, language model and visual
-    tokenizer of the language-model stage, the pixel decoder, UNet, VAE and scheduler of the pixel-decoder stage."""
+    tokenizer of the language-model stage, the pixel decoder, UNet, VAE and scheduler of the pixel-decoder stage;
+    `guidance_scale` is its `default_guidance_scale`."""
     readers = LavitText2ImagePipeline.from_pretrained(language, dtype=torch.float32)
     writers = LavitText2ImagePipeline.from_pretrained(decoder, dtype=torch.float32)
     components = {**writers.components, **{k: readers.components[k] for k in ("tokenizer", "language_model", "visual_tokenizer")}}
-    LavitText2ImagePipeline(**components).save_pretrained(folder)
+    LavitText2ImagePipeline(**components, default_guidance_scale=guidance_scale).save_pretrained(folder)
 
 
 def main(argv=None) -> None:

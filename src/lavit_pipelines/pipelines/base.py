@@ -65,6 +65,13 @@ def read_model_index(folder: Path) -> dict:
     return index
 
 
+def component_entries(index: dict) -> dict:
+    """The component entries of a `model_index.json` dict: without the `_` metadata and the pipelines' settings
+    (numbers and booleans, such as `default_guidance_scale`)."""
+    return {name: entry for name, entry in index.items()
+            if not name.startswith("_") and not isinstance(entry, (bool, int, float))}
+
+
 def _library(library_name: str):
     """The module an entry names, or None when it is outside this package, diffusers and transformers.
     Nothing is imported but diffusers and transformers themselves."""
@@ -221,8 +228,9 @@ class LavitPipelineMixin:
 
     @classmethod
     def component_names(cls) -> list[str]:
-        """Names of the `__init__` arguments that are components."""
-        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        """Names of the `__init__` arguments that are components (the others are settings of the pipeline's config)."""
+        modules, _ = cls._get_signature_keys(cls)
+        return [name for name in inspect.signature(cls.__init__).parameters if name in modules]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -246,8 +254,8 @@ class LavitPipelineMixin:
         index_path = folder / "model_index.json"
         declared = inspect.signature(cls.__init__).parameters
         loaded = [name for name in cls.component_names() if name not in passed]
-        for name, entry in index.items():  # passed-in components and other pipelines' too: diffusers looks them up
-            if not name.startswith("_") and name not in loaded:
+        for name, entry in component_entries(index).items():  # passed-in and other pipelines' too: diffusers looks them up
+            if name not in loaded:
                 resolve_component_class(name, entry, index_path, None)
         for name in loaded:
             model_cls = resolve_component_class(name, index.get(name), index_path, declared[name].annotation)

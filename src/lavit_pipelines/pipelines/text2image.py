@@ -22,7 +22,7 @@ from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, check_visual_token_ids
 from ..models.visual_tokenizer import LavitVisualTokenizer
-from .base import LavitPipelineMixin
+from .base import LavitPipelineMixin, read_model_index
 from .lora import LavitLoraLoaderMixin
 from .outputs import LavitText2ImagePipelineOutput
 from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
@@ -88,6 +88,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             with `from_pretrained(..., visual_tokenizer=None)` (saves 3.6 GB in bf16).
         safety_checker: optional Stable Diffusion safety checker.
         feature_extractor: the safety checker's image processor.
+        default_guidance_scale: the decoder guidance of calls that give none; a setting of `model_index.json`
+            (as SDXL's `force_zeros_for_empty_prompt`): LaVIT's 7.0 unless the folder says otherwise.
     """
 
     model_cpu_offload_seq = "visual_tokenizer->language_model->pixel_decoder->unet->vae"
@@ -105,8 +107,11 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         visual_tokenizer: LavitVisualTokenizer | None = None,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: BaseImageProcessor | None = None,
+        default_guidance_scale: float = 7.0,
     ):
         super().__init__()
+        check_float("guidance_scale", default_guidance_scale, label="`default_guidance_scale`")
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
         self.register_modules(
             tokenizer=tokenizer,
             language_model=language_model,
@@ -125,6 +130,14 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         )
         if None not in (language_model, pixel_decoder, unet):
             self.check_components()
+
+    @classmethod
+    def check_folder(cls, folder, passed: dict) -> None:
+        """The components' checks (`LavitPipelineMixin.check_folder`) and the folder's `default_guidance_scale`."""
+        super().check_folder(folder, passed)
+        index_path = folder / "model_index.json"
+        value = read_model_index(folder).get("default_guidance_scale", 7.0)
+        check_float("guidance_scale", value, label=f"{index_path}: `default_guidance_scale`")
 
     def check_components(self) -> None:
         """ValueError naming the components whose dimensions do not fit together."""
@@ -505,7 +518,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         num_inference_steps: int = 25,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         llm_guidance_scale: float | None = None,
         do_sample: bool = True,
         top_k: int = 50,
@@ -538,7 +551,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
                 `num_inference_steps`).
             sigmas: custom sigmas, for schedulers whose `set_timesteps` takes them (overrides
                 `num_inference_steps`).
-            guidance_scale: decoder guidance against the pixel decoder's negative condition (off when <= 1).
+            guidance_scale: decoder guidance against the pixel decoder's negative condition (off when <= 1);
+                default the pipeline's `config.default_guidance_scale` (LaVIT's 7.0; 2.5 for the demo model).
             llm_guidance_scale: guidance of the visual-token sampling; default 4.0 (5.0 with image prompts).
             do_sample: sample the visual tokens (False: greedy).
             top_k: visual-token top-k (0: off).
@@ -572,6 +586,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(
             prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
             do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,

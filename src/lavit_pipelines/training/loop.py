@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
+from ..pipelines.base import component_entries
 from .config import TrainingConfig
 from .data import IndexedDataset, collate, load_image_text_dataset
 
@@ -145,9 +146,8 @@ def write_pipeline_folder(model: Path, output: Path, trained: dict) -> None:
     staging = output / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    index = json.loads((model / "model_index.json").read_text())
-    for name, entry in index.items():
-        if name.startswith("_") or entry[0] is None:
+    for name, entry in component_entries(json.loads((model / "model_index.json").read_text())).items():
+        if entry[0] is None:
             continue
         if name in trained:
             trained[name].save_pretrained(staging / name)
