@@ -138,10 +138,12 @@ class RecipeRun:
             self.keys.update(autoencoder.result())
             base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
             # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
-            tokenizer = self.lavit_stage(
-                "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
-                dead_code_threshold=0.03, target_keep_ratio=r.tokenizer_keep_ratio,
-            )
+            # One thread: on two, the same run gave other weights each time (torch's CPU reductions).
+            with single_thread():
+                tokenizer = self.lavit_stage(
+                    "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
+                    dead_code_threshold=0.03, target_keep_ratio=r.tokenizer_keep_ratio,
+                )
             decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", tokenizer, data)
             with single_thread():
                 # The demo's understanding head starts from the stage-1 predictor and merger (never trained).
