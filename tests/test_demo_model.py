@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline, default_model_path
 from lavit_pipelines.demo.recipe import Recipe, RecipeRun
@@ -96,3 +97,9 @@ def test_recipe_first_steps_build_a_loadable_model(tmp_path):
     RecipeRun(recipe, tmp_path).run()
     again = [json.loads(line) for line in (tmp_path / "recipe.jsonl").read_text().splitlines()][len(log):]
     assert {r.get("status") for r in again} == {"already done"}
+    rebuilt = RecipeRun(recipe, tmp_path / "rebuilt").run()  # from nothing again: the same weights, bit for bit
+    weights = sorted(path.relative_to(model) for path in model.rglob("*.safetensors"))
+    assert weights and weights == sorted(path.relative_to(rebuilt) for path in rebuilt.rglob("*.safetensors"))
+    for path in weights:
+        first, second = load_file(model / path), load_file(rebuilt / path)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), path
