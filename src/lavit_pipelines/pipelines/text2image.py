@@ -70,6 +70,9 @@ def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_ima
             )
 
 
+LAVIT_GUIDANCE_SCALE = 7.0  # the original's decoder guidance: the default of folders that set none
+
+
 class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image (and image+text-to-image) generation with LaVIT.
 
@@ -107,7 +110,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         visual_tokenizer: LavitVisualTokenizer | None = None,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: BaseImageProcessor | None = None,
-        default_guidance_scale: float = 7.0,
+        default_guidance_scale: float = LAVIT_GUIDANCE_SCALE,
     ):
         super().__init__()
         check_float("guidance_scale", default_guidance_scale, label="`default_guidance_scale`")
@@ -136,7 +139,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         """The components' checks (`LavitPipelineMixin.check_folder`) and the folder's `default_guidance_scale`."""
         super().check_folder(folder, passed)
         index_path = folder / "model_index.json"
-        value = read_model_index(folder).get("default_guidance_scale", 7.0)
+        value = read_model_index(folder).get("default_guidance_scale", LAVIT_GUIDANCE_SCALE)
         check_float("guidance_scale", value, label=f"{index_path}: `default_guidance_scale`")
 
     def check_components(self) -> None:
