@@ -4,11 +4,13 @@ path runs on it, and its recipe still runs."""
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline, default_model_path
+from lavit_pipelines.demo.pretraining import PATCH_WORDS, patch_words
 from lavit_pipelines.demo.recipe import Recipe, RecipeRun
 from lavit_pipelines.worlds import shapes
 
@@ -103,3 +105,20 @@ def test_recipe_first_steps_build_a_loadable_model(tmp_path):
     for path in weights:
         first, second = load_file(model / path), load_file(rebuilt / path)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), path
+
+
+def test_patch_words_name_the_object_in_each_patch():
+    """The vision encoder's word targets: per 16-pixel patch, the caption's colour, shape and place of the object
+    that covers it (a pair: the left or top half's object is the first), 0 on empty patches."""
+    rng = random.Random(0)
+    scenes = [shapes.single_scene(rng, "circle", "red", "left"), shapes.pair_scene(rng, ("square", "triangle"), ("blue", "green"), "stacked")]
+    images = torch.stack([torch.from_numpy(np.asarray(shapes.render(s))).permute(2, 0, 1) for s in scenes])
+    words = patch_words(images, [s.caption for s in scenes], 16).view(2, 4, 4, 3)
+    red, circle, left = (PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "red"), ("shape", "circle"), ("place", "left")))
+    assert words[0, 1:3, 0:2].reshape(-1, 3).tolist() == [[red, circle, left]] * 4
+    assert words[0, :, 2:].eq(0).all() and words[0, 0].eq(0).all() and words[0, 3].eq(0).all()
+    top, bottom = (words[1, :2], words[1, 2:])
+    assert set(map(tuple, top[top[..., 0] > 0].tolist())) == {tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "blue"), ("shape", "square"), ("place", "top")))}
+    assert set(map(tuple, bottom[bottom[..., 0] > 0].tolist())) == {tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "green"), ("shape", "triangle"), ("place", "bottom")))}
+    with pytest.raises(ValueError, match="captions"):
+        patch_words(images, ["a dog", "a cat"], 16)

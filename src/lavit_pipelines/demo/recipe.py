@@ -59,6 +59,7 @@ class Recipe:
     vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_learning_rate: float = 1e-3
+    vision_pixel_weight: float = 0.0
     tokenizer_steps: int = 1000
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
@@ -199,7 +200,7 @@ class RecipeRun:
         processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
         train_vision_encoder(
             tokenizer.encoder, processor, components["tokenizer"], images, captions, r.vision_steps,
-            r.vision_batch_size, r.vision_learning_rate, r.seed, log=self.log,
+            r.vision_batch_size, r.vision_learning_rate, r.seed, r.vision_pixel_weight, log=self.log,
         )
         tokenizer.save_pretrained(folder)
 
