@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline, default_model_path
 from lavit_pipelines.demo.pretraining import PATCH_WORDS, patch_words
 from lavit_pipelines.demo.recipe import Recipe, RecipeRun
+from lavit_pipelines.evaluation.shapes import judge_caption, judge_generation
 from lavit_pipelines.worlds import shapes
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,23 @@ def test_default_model_is_a_small_pipeline_folder():
 
 
 def test_generation_is_seeded_and_draws_on_the_white_canvas(t2i):
-    """The shipped model's pictures often miss the asked colour, shape or place (see docs/demo-model.md for the
-    measured accuracies); what holds: a seed gives one picture, and it is coloured shapes on a white canvas."""
+    """A seed gives one picture, and it is coloured shapes on a white canvas."""
     first, second = (t2i("a red circle in the center", generator=torch.Generator().manual_seed(0)) for _ in range(2))
     assert first.images[0].tobytes() == second.images[0].tobytes()
     assert 1 <= len(first.visual_token_ids[0]) <= 16
     foreground = shapes.foreground_mask(first.images[0]).mean()
     assert 0.005 < foreground < 0.7, foreground
+
+
+def test_generation_puts_one_object_where_the_prompt_says(t2i):
+    """Eight one-object prompts no test or benchmark seed draws, in one batch: the shape lands at the asked
+    place. (Its colour is often wrong: docs/demo-model.md has the measured accuracies and why.)"""
+    rng = random.Random(12345)
+    chosen = [shapes.single_scene(rng) for _ in range(8)]
+    images = t2i([scene.caption for scene in chosen], generator=torch.Generator().manual_seed(0)).images
+    placed = [judge_generation(scene, image)["position"] for scene, image in zip(chosen, images)]
+    # measured 7 of 8 here (chance: about 2); the margin is for other machines' float rounding
+    assert sum(placed) >= 5, [scene.caption for scene in chosen]
 
 
 def scenes(seed: int, count: int) -> list[shapes.Scene]:
@@ -53,14 +64,16 @@ def held_out():
     return chosen, [shapes.render(scene) for scene in chosen]
 
 
-def test_captions_name_the_colours_of_held_out_scenes(understanding, held_out):
+def test_captions_describe_held_out_scenes(understanding, held_out):
     chosen, images = held_out
     captions = understanding.caption(images, generator=torch.Generator().manual_seed(0))
-    facts = [shapes.parse_caption(caption) for caption in captions]
-    assert all(fact is not None for fact in facts), captions  # the world's grammar
-    right = [[c for c, _ in fact.objects] == [o.color for o in scene.objects] for fact, scene in zip(facts, chosen)]
-    # measured 6 of 8 here (chance: about 1); the margin is for other machines' float rounding
-    assert sum(right) >= 5, list(zip(captions, [scene.caption for scene in chosen]))
+    judged = [judge_caption(scene, caption) for scene, caption in zip(chosen, captions)]
+    truth = list(zip(captions, [scene.caption for scene in chosen]))
+    assert all(j["parsed"] for j in judged), truth  # the world's grammar, with as many objects as the scene
+    # measured: colours right in 8 of 8, the whole caption (colours, shapes, place) in 6 of 8 (chance: below 1);
+    # the margins are for other machines' float rounding
+    assert sum(j["color"] for j in judged) >= 7, truth
+    assert sum(j["all"] for j in judged) >= 5, truth
 
 
 def test_answers_count_and_colour_held_out_scenes(understanding, held_out):
@@ -72,7 +85,7 @@ def test_answers_count_and_colour_held_out_scenes(understanding, held_out):
     questions = [scene.questions()[0] for scene in chosen]  # what color is the {first shape}?
     colors = understanding.answer(images, [q for q, _ in questions], generator=generator)
     assert set(colors) <= set(shapes.COLORS), colors
-    assert sum(c == a for c, (_, a) in zip(colors, questions)) >= 4, list(zip(colors, questions))  # 5 of 8 here
+    assert sum(c == a for c, (_, a) in zip(colors, questions)) >= 7, list(zip(colors, questions))  # 8 of 8 here
 
 
 def test_reconstruction_and_image_prompt_run(t2i):
