@@ -60,7 +60,7 @@ class Recipe:
     vision_batch_size: int = 64
     vision_learning_rate: float = 1e-3
     vision_pixel_weight: float = 0.0
-    tokenizer_steps: int = 1000
+    tokenizer_steps: int = 3000
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
     tokenizer_keep_ratio: float = 1 / 3
