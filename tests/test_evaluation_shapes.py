@@ -61,6 +61,10 @@ def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert sorted(p.name for p in (out / "generation").iterdir()) == ["00000.png", "00001.png"]
     for name in ("generation/all", "caption/all", "vqa/all", "generation/position", "vqa/count"):
         assert 0 <= metrics[name] <= 100
+    # one prompt of each kind: the split accuracies average to the overall ones
+    assert metrics["generation/position"] == metrics["generation/one/position"] and "generation/two/position" not in metrics
+    for name in ("color", "shape", "all"):
+        assert metrics[f"generation/{name}"] == (metrics[f"generation/one/{name}"] + metrics[f"generation/two/{name}"]) / 2
     assert main(args) == 0  # a rerun finds every result in the logs and writes the same metrics
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*args, "--num-scenes", "2"]) == 2

@@ -150,7 +150,8 @@ def evaluate_shapes(
     sharded across `accelerate launch` processes like the other evaluations (`runner.run_sharded`).
 
     Returns, on the main process (None on the others), the metrics: `generation/{color,shape,position,all}`
-    (position over one-object prompts), `caption/{parsed,color,shape,position,all}`,
+    (position over one-object prompts), the same for `generation/one/...` and `generation/two/...` (one- and
+    two-object prompts), `caption/{parsed,color,shape,position,all}`,
     `vqa/{color,count,position,left_shape,all}`, in percent, and the counts `num_prompts`, `num_scenes`,
     `num_questions`.
     """
@@ -174,8 +175,12 @@ def evaluate_shapes(
     (output / "scenes").mkdir(exist_ok=True)
     for i, image in enumerate(images):
         image.save(output / "scenes" / f"{i:05d}.png")
+    judged = [r["correct"] for r in generation]
     metrics = {
-        **accuracies([r["correct"] for r in generation], "generation"),
+        **accuracies(judged, "generation"),
+        # one-object prompts are the ones judged on position
+        **accuracies([j for j in judged if "position" in j], "generation/one"),
+        **accuracies([j for j in judged if "position" not in j], "generation/two"),
         **accuracies([r["correct"] for r in captions], "caption"),
         **accuracies([{r["category"]: r["correct"], "all": r["correct"]} for r in answers], "vqa"),
         "num_prompts": num_prompts, "num_scenes": num_scenes, "num_questions": len(answers),
