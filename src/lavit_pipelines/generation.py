@@ -188,9 +188,10 @@ def _last_logits(model, ids, mask, positions, cache, id_runs: tuple[slice, ...] 
 
 def rowwise_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(R, D) rows, (N, D) weight -> (R, N): one matrix-vector product per row (`bmm` over the broadcast weight,
-    no copy), as in the original's separate conditional and unconditional forwards (with MKL, the visual ids'
-    logits come out bit for bit as there); the rows run side by side on the threads, where MKL's 2-row GEMM
-    costs about two such products on AMD EPYC (`benchmarks/visual_tokens_cpu.py` prints both where it runs)."""
+    no copy), as in the original's separate conditional and unconditional forwards (with MKL on AMD EPYC, the
+    visual ids' logits come out bit for bit as there; on Intel Xeon within float rounding); the rows run side by
+    side on the threads, where MKL's 2-row GEMM costs about two such products on AMD EPYC, though less than this
+    on Intel Xeon (`benchmarks/visual_tokens_cpu.py` prints both where it runs)."""
     return torch.bmm(rows[:, None], weight.t().expand(len(rows), -1, -1))[:, 0]
 
 
