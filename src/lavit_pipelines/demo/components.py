@@ -2,8 +2,7 @@
 
 64×64 images; a 3-layer ViT (hidden 128, 16×16-pixel patches: 16 patches) under a visual tokenizer with a
 256-code codebook of dim 32; a 4-layer LLaMA of hidden 256 over a word-level vocabulary of the world; an
-SD-1.5-style ("lowres") pixel decoder and UNet on the 16×16×4 latents of a small KL autoencoder (4× downsampling: at 8× the palette's
-colours lay too close together in the latents for the UNet to draw them apart).
+SD-1.5-style ("lowres") pixel decoder and UNet on the 8×8×4 latents of a small KL autoencoder.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ VISION_HIDDEN = 128
 LLM_HIDDEN = 256
 CONDITION_DIM = 128
 PATCH_SIZE = 16
-VAE_CHANNELS = (32, 64, 64)
-VAE_DOWNSAMPLING = 2 ** (len(VAE_CHANNELS) - 1)  # 16×16 latents
 MAX_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # one per patch
 QUESTION_WORDS = "Question: Answer: what color is the where how many shapes are there shape on left? one two"
 
@@ -70,15 +67,15 @@ def build_components(seed: int = 0) -> dict:
             output_dim=CONDITION_DIM, prompt_embed_dims=(CONDITION_DIM,), pooled_embed_dim=None, negative_condition_length=4,
         ),
         "unet": lambda: UNet2DConditionModel(
-            sample_size=IMAGE_SIZE // VAE_DOWNSAMPLING, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64, 64), down_block_types=("CrossAttnDownBlock2D",) * 3,
-            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads: 2, 4 and 4 heads of 16.
-            up_block_types=("CrossAttnUpBlock2D",) * 3, attention_head_dim=(2, 4, 4), norm_num_groups=8,
+            sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads: 2 and 4 heads of 16.
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=8,
             cross_attention_dim=CONDITION_DIM,
         ),
         "vae": lambda: AutoencoderKL(
-            block_out_channels=VAE_CHANNELS, down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-            up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS), latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
+            block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
         ),
     }
     components = {"tokenizer": tokenizer}
