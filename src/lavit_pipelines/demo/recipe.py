@@ -68,7 +68,7 @@ class Recipe:
     decoder_batch_size: int = 32
     decoder_learning_rate: float = 1e-3
     decoder_snr_gamma: float = 5.0
-    language_steps: int = 5000
+    language_steps: int = 8000
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
     language_understanding_ratio: float = 0.3
