@@ -64,7 +64,7 @@ class Recipe:
     tokenizer_batch_size: int = 32
     tokenizer_learning_rate: float = 1e-3
     tokenizer_keep_ratio: float = 1 / 3
-    decoder_steps: int = 3500
+    decoder_steps: int = 7000
     decoder_batch_size: int = 32
     decoder_learning_rate: float = 1e-3
     decoder_snr_gamma: float = 5.0
