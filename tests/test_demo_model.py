@@ -47,13 +47,14 @@ def test_generation_draws_one_object_where_and_mostly_as_the_prompt_says(t2i):
     accuracies and why.)"""
     rng = random.Random(12345)
     chosen = [shapes.single_scene(rng) for _ in range(8)]
-    images = t2i([scene.caption for scene in chosen], generator=torch.Generator().manual_seed(0)).images
+    prompts = [scene.caption for scene in chosen]
+    images = t2i(prompts, generator=torch.Generator().manual_seed(0)).images
     judged = [judge_generation(scene, image) for scene, image in zip(chosen, images)]
     # measured: placed 7 of 8 (chance: about 2), coloured 7 of 8 (chance: about 1), shaped 6 of 8 (chance: about
     # 3); the margins are for other machines' float rounding
-    assert sum(j["position"] for j in judged) >= 6, [scene.caption for scene in chosen]
-    assert sum(j["color"] for j in judged) >= 5, [scene.caption for scene in chosen]
-    assert sum(j["shape"] for j in judged) >= 4, [scene.caption for scene in chosen]
+    assert sum(j["position"] for j in judged) >= 6, prompts
+    assert sum(j["color"] for j in judged) >= 5, prompts
+    assert sum(j["shape"] for j in judged) >= 4, prompts
 
 
 def scenes(seed: int, count: int) -> list[shapes.Scene]:
