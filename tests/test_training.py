@@ -75,6 +75,42 @@ def test_pixel_decoder_training_reduces_the_loss_on_the_stage_1_output(tokenizer
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
+def test_cached_latents_train_as_latents_encoded_at_every_step(tokenizer_run, training_data, tmp_path):
+    """`cache_latents` (the VAE encodes each image once, before training): the same losses and UNet weights."""
+    from safetensors.torch import load_file
+
+    runs = {cache: train(stage_config("pixel-decoder", tokenizer_run, training_data, tmp_path / str(cache), max_steps=3,
+                                      train_unet=True, cache_latents=cache)) for cache in (False, True)}
+    losses = train_losses(runs[True])
+    assert len(losses) == 3 and losses == pytest.approx(train_losses(runs[False]), rel=1e-5)
+    weights = [load_file(runs[cache] / "unet" / "diffusion_pytorch_model.safetensors") for cache in (False, True)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_posteriors_are_read_by_example_index_without_the_encoder():
+    from diffusers import DDPMScheduler
+
+    from lavit_pipelines.tiny import build_tiny_components
+    from lavit_pipelines.training.pixel_decoder import PixelDecoderTrainingModule
+
+    components = build_tiny_components()
+    module = PixelDecoderTrainingModule(components, DDPMScheduler(), condition_dropout=0.0)
+    pixels = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    module.cache_latents([{"vae_pixel_values": p} for p in pixels], batch_size=2)
+    assert module.latent_parameters.shape == (5, 8, 8, 8)  # mean and log-variance of 4 channels
+    calls = []
+    components["vae"].encoder.register_forward_pre_hook(lambda *args: calls.append(1))
+    batch = {"index": torch.tensor([4, 1]), "vae_pixel_values": pixels[[4, 1]]}
+    cached = module.latent_dist(batch)
+    assert not calls
+    module.latent_parameters = None
+    encoded = module.latent_dist(batch)
+    assert calls
+    torch.testing.assert_close(cached.mean, encoded.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.std, encoded.std, rtol=1e-5, atol=1e-6)
+
+
 def test_language_model_training_reduces_both_losses(tokenizer_run, training_data, tmp_path):
     out = train(stage_config("language-model", tokenizer_run, training_data, tmp_path / "out", max_steps=12,
                              learning_rate=3e-3, init_understanding_head=True))

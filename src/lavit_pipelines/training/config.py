@@ -32,7 +32,9 @@ class TrainingConfig:
     this γ, as diffusers' scripts; None: plain MSE), `init_decoder_input` (start the pixel decoder's input
     projection as a standardisation of its codebook, for a decoder trained from scratch: stage 1's
     l2-normalised codes may all lie close together), `use_ema`/`ema_decay`, `resolution`
-    (None: the UNet's sample size × the VAE factor).
+    (None: the UNet's sample size × the VAE factor), `cache_latents` (encode every image with the VAE once,
+    before training, and keep the posteriors in memory: (N, 2·latent channels, h, w) float32; each step then
+    skips the VAE).
 
     Language model: `understanding_ratio` (share of `[IMG] features [/IMG] text` samples; the others are
     `text [IMG] codes [/IMG]`), `text_dropout`, `max_length`, `packing`, `train_visual_embeddings` (also
@@ -93,6 +95,7 @@ class TrainingConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     resolution: int | None = None
+    cache_latents: bool = False
     # language model
     understanding_ratio: float = 0.5
     text_dropout: float = 0.1

@@ -21,6 +21,7 @@ from .pixel_decoder import per_example
 
 IGNORE = -100
 UNDERSTANDING_HEAD = ("understanding_predictor", "understanding_merger", "llm_projection")
+INITIALIZATION_EXAMPLES = 64  # the examples whose merged features `init_understanding_head` standardises
 
 
 def pack(examples: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, packing: bool):
@@ -168,16 +169,17 @@ class LanguageModelStage(Stage):
         return {"pixel_values": self.processor.preprocess(image)[0], "text": text}
 
     @torch.no_grad()
-    def initialize(self, examples: dict) -> None:
+    def initialize(self, data) -> None:
         """With `init_understanding_head`, the LLM projection starts as a standardisation of the merged
-        features of `examples` (mean removed, each channel divided by its spread, then a random projection at
-        the scale of the LLM's input embeddings). Merged features share a large common part that would
+        features of the data's first `INITIALIZATION_EXAMPLES` examples (mean removed, each channel divided by
+        its spread, then a random projection at the scale of the LLM's input embeddings). Merged features share a large common part that would
         otherwise hide, in the LLM's RMS-normalised input, what differs between images."""
         if not self.config.init_understanding_head:
             return
         vt, lm = self.components["visual_tokenizer"], self.components["language_model"]
         projection = vt.llm_projection
-        pixels = examples["pixel_values"].to(projection.weight.device, vt.dtype)
+        first = range(min(INITIALIZATION_EXAMPLES, len(data)))
+        pixels = torch.stack([data[i]["pixel_values"] for i in first]).to(projection.weight.device, vt.dtype)
         generator = torch.Generator().manual_seed(self.config.seed)
         merged = vt.merge_kept(pixels, vt.understanding_predictor, vt.understanding_merger, generator)[0].float()
         mean, spread = merged.mean(dim=0), merged.std(dim=0).clamp(min=1e-6)

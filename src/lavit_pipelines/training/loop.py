@@ -35,7 +35,6 @@ CONFIG = "training_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".pipeline-staging"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INITIALIZATION_EXAMPLES = 64  # what `Stage.initialize` sees: the data's first examples
 VALIDATION_EPOCH = 2**32 - 1  # seeds the fixed validation batch apart from every training epoch
 
 
@@ -53,9 +52,9 @@ class Stage:
         """One PIL image and its text -> the tensors (and text) of one example."""
         raise NotImplementedError
 
-    def initialize(self, examples: dict) -> None:
-        """Hook before training (and before a checkpoint is resumed): data-dependent initialisation from the
-        first examples of the data, collated; default none."""
+    def initialize(self, data: IndexedDataset) -> None:
+        """Hook before training (and before a checkpoint is resumed) with the whole transformed dataset:
+        data-dependent initialisation or caches; default none."""
 
     def parameters_to_train(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -223,7 +222,7 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     stage = stage_cls(config, load_components(model, stage_cls.needed_components, weight_dtype), accelerator)
     cast_training_params(stage.module, torch.float32)
     data = IndexedDataset(dataset, stage.transform, config.image_column, config.text_column)
-    stage.initialize(collate([data[i] for i in range(min(INITIALIZATION_EXAMPLES, len(data)))]))
+    stage.initialize(data)
     dataloader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(

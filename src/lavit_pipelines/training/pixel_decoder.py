@@ -7,12 +7,15 @@ conditioned on the decoder's negative condition instead (zeros for the high-res 
 `negative_condition` for the low-res one), which is what classifier-free guidance uses at inference.
 With `snr_gamma`, each example's loss is weighted by Min-SNR (`min(SNR, γ) / SNR` for ε, `/(SNR + 1)` for v),
 which puts the weight on the noisy timesteps where the conditioning decides the picture.
+With `cache_latents`, every image is encoded once before training (as diffusers' DreamBooth scripts do) and
+each step draws its latents from the stored posterior, with the same random numbers as an encoding would.
 """
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -49,6 +52,25 @@ class PixelDecoderTrainingModule(nn.Module):
         self.visual_tokenizer, self.pixel_decoder = components["visual_tokenizer"], components["pixel_decoder"]
         self.unet, self.vae = components["unet"], components["vae"]
         self.scheduler, self.condition_dropout, self.snr_gamma = scheduler, condition_dropout, snr_gamma
+        self.latent_parameters: torch.Tensor | None = None  # (N, 2C, h, w) on the CPU, with `cache_latents`
+
+    @torch.no_grad()
+    def cache_latents(self, data, batch_size: int) -> None:
+        """Encode the `vae_pixel_values` of every example of `data` (an `IndexedDataset`): their VAE
+        posteriors' parameters (N, 2C, h, w), float32 on the CPU, read by example index in each step."""
+        parameters = []
+        for start in range(0, len(data), batch_size):
+            pixels = torch.stack([data[i]["vae_pixel_values"] for i in range(start, min(start + batch_size, len(data)))])
+            posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+            parameters.append(posterior.parameters.float().cpu())
+        self.latent_parameters = torch.cat(parameters)
+
+    def latent_dist(self, batch: dict) -> DiagonalGaussianDistribution:
+        """The VAE posterior of each image of the batch: cached, or encoded now."""
+        if self.latent_parameters is None:
+            return self.vae.encode(batch["vae_pixel_values"].to(self.vae.dtype)).latent_dist
+        parameters = self.latent_parameters[batch["index"].cpu()]
+        return DiagonalGaussianDistribution(parameters.to(batch["vae_pixel_values"].device, self.vae.dtype))
 
     def condition(self, codes: list, drop: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
         """Codes per image and drop (B,) bool -> UNet encoder states and extra kwargs, dropped rows negative.
@@ -72,8 +94,7 @@ class PixelDecoderTrainingModule(nn.Module):
         pixels = batch["vae_pixel_values"]
         with torch.no_grad():
             codes = self.visual_tokenizer.tokenize(batch["pixel_values"], generator=generators)
-            latent_dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            latents = latent_dist.sample(generator=generators) * self.vae.config.scaling_factor
+            latents = self.latent_dist(batch).sample(generator=generators) * self.vae.config.scaling_factor
         noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
         timesteps = per_example(generators, lambda g: torch.randint(self.scheduler.config.num_train_timesteps, (1,), generator=g))
         timesteps = timesteps.to(latents.device)
@@ -135,6 +156,10 @@ class PixelDecoderStage(Stage):
             "pixel_values": self.processor.preprocess(image)[0],
             "vae_pixel_values": self.vae_processor.preprocess(image, self.resolution, self.resolution)[0],
         }
+
+    def initialize(self, data) -> None:
+        if self.config.cache_latents:
+            self.module.cache_latents(data, self.config.batch_size)
 
     def after_optimizer_step(self, step: int) -> None:
         if self.ema is not None:
