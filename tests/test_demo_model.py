@@ -41,20 +41,19 @@ def test_generation_is_seeded_and_draws_on_the_white_canvas(t2i):
     assert 0.005 < foreground < 0.7, foreground
 
 
-def test_generation_draws_one_object_where_and_mostly_as_the_prompt_says(t2i):
-    """Eight one-object prompts no test or benchmark seed draws, in one batch: the shape lands at the asked
-    place, and mostly in the asked colour. (The colour is still wrong often: docs/demo-model.md has the measured
-    accuracies and why.)"""
+def test_generation_draws_one_object_as_the_prompt_says(t2i):
+    """Sixteen one-object prompts no test or benchmark seed draws, in one batch: the asked colour, shape and
+    place, most of the time (docs/demo-model.md has the measured accuracies)."""
     rng = random.Random(12345)
-    chosen = [shapes.single_scene(rng) for _ in range(8)]
+    chosen = [shapes.single_scene(rng) for _ in range(16)]
     prompts = [scene.caption for scene in chosen]
     images = t2i(prompts, generator=torch.Generator().manual_seed(0)).images
     judged = [judge_generation(scene, image) for scene, image in zip(chosen, images)]
-    # measured: placed 7 of 8 (chance: about 2), coloured 7 of 8 (chance: about 1), shaped 6 of 8 (chance: about
-    # 3); the margins are for other machines' float rounding
-    assert sum(j["position"] for j in judged) >= 6, prompts
-    assert sum(j["color"] for j in judged) >= 5, prompts
-    assert sum(j["shape"] for j in judged) >= 4, prompts
+    # measured: coloured 14 of 16 (chance: about 3), shaped 12 (chance: about 5), placed 10 (chance: about 3);
+    # the margins are for other machines' float rounding
+    assert sum(j["color"] for j in judged) >= 12, prompts
+    assert sum(j["shape"] for j in judged) >= 10, prompts
+    assert sum(j["position"] for j in judged) >= 8, prompts
 
 
 def scenes(seed: int, count: int) -> list[shapes.Scene]:
