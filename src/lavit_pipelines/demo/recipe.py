@@ -165,7 +165,7 @@ class RecipeRun:
 
     def pixel_decoder_stage(self, tokenizer: Path, data: Path) -> Path:
         # The decoder and the UNet train from scratch on stage 1's codebook (init_decoder_input); the VAE's
-        # latents are encoded once (cache_latents), which takes half of each step's time off.
+        # latents are encoded once (cache_latents): about half of a step's time (benchmarks/decoder_training_step.py).
         return self.lavit_stage(
             "pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True, init_decoder_input=True,
             snr_gamma=self.recipe.decoder_snr_gamma, cache_latents=True,

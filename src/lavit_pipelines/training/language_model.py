@@ -172,8 +172,9 @@ class LanguageModelStage(Stage):
     def initialize(self, data) -> None:
         """With `init_understanding_head`, the LLM projection starts as a standardisation of the merged
         features of the data's first `INITIALIZATION_EXAMPLES` examples (mean removed, each channel divided by
-        its spread, then a random projection at the scale of the LLM's input embeddings). Merged features share a large common part that would
-        otherwise hide, in the LLM's RMS-normalised input, what differs between images."""
+        its spread, then a random projection at the scale of the LLM's input embeddings). Merged features share
+        a large common part that would otherwise hide, in the LLM's RMS-normalised input, what differs between
+        images."""
         if not self.config.init_understanding_head:
             return
         vt, lm = self.components["visual_tokenizer"], self.components["language_model"]
