@@ -30,7 +30,7 @@ def batch_of_renders(pipe, size: int) -> dict:
     rng = random.Random("decoder-training-step")
     images = [render(random_scene(rng)) for _ in range(size)]
     config = pipe.visual_tokenizer.config
-    processor = LavitImageProcessor(**{k: config[k] for k in ("image_size", "image_mean", "image_std")})
+    processor = LavitImageProcessor.from_visual_tokenizer_config(config)
     return {
         "index": torch.arange(size),
         "pixel_values": processor.preprocess(images),

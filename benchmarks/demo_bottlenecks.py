@@ -58,7 +58,7 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: int, steps: int = 30
 def representations(pipe, images) -> dict[str, torch.Tensor]:
     """(n, d) rows per step of the path: patch features, keep mask, kept codes (set, by rank), UNet condition."""
     tokenizer, decoder = pipe.visual_tokenizer, pipe.pixel_decoder
-    processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
+    processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
     features = tokenizer.patch_features(processor.preprocess(images))
     keep = sample_keep_mask(tokenizer.token_predictor(features), torch.Generator().manual_seed(0))
     codes = tokenizer.quantize(tokenizer.token_merger(features, keep)[keep]).split(keep.sum(dim=1).tolist())

@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lavit_pipelines.generation import rowwise_linear, sample_visual_tokens
+from lavit_pipelines.models.visual_sampling import rowwise_linear, sample_visual_tokens
 from machine import describe_machine
 
 IMG, END_IMG, PAD = 32000, 32001, 2

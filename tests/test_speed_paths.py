@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lavit_pipelines import LavitText2ImagePipeline
-from lavit_pipelines import generation
-from lavit_pipelines.generation import sample_visual_tokens
+from lavit_pipelines.models import visual_sampling
+from lavit_pipelines.models.visual_sampling import sample_visual_tokens
 from lavit_pipelines.models.pixel_decoder import LavitPixelDecoder
 
 IMG, END_IMG, PAD = 32000, 32001, 2
@@ -97,9 +97,9 @@ def test_eos_finishes_rows_and_pads(llm):
 
 def test_static_cache_is_reused_and_bad_arguments_rejected(llm):
     sample(llm, False, cache_implementation="static")
-    cache = generation._STATIC_STATE[llm]["cache"]
+    cache = llm._static_decoding.cache
     sample(llm, False, cache_implementation="static")
-    assert generation._STATIC_STATE[llm]["cache"] is cache
+    assert llm._static_decoding.cache is cache
     with pytest.raises(ValueError, match="cache_implementation"):
         sample(llm, False, cache_implementation="paged")
     with pytest.raises(ValueError, match="static"):
@@ -116,8 +116,8 @@ def test_compiled_static_path_identical(llm, monkeypatch):
         compiled.append(kwargs)
         return real_compile(fn, backend="aot_eager", fullgraph=True)
 
-    monkeypatch.setattr(generation.torch, "compile", compile_with_aot_eager)
-    generation._STATIC_STATE.pop(llm, None)
+    monkeypatch.setattr(visual_sampling.torch, "compile", compile_with_aot_eager)
+    vars(llm).pop("_static_decoding", None)
     try:
         greedy = sample(llm, False)
         assert torch.equal(sample(llm, False, cache_implementation="static", compile=True), greedy)
@@ -126,7 +126,7 @@ def test_compiled_static_path_identical(llm, monkeypatch):
         assert torch.equal(tokens, expected) and torch.equal(state, expected_state)
         assert len(compiled) == 1 and compiled[0]["fullgraph"]  # one compiled step, reused across calls
     finally:
-        generation._STATIC_STATE.pop(llm, None)
+        vars(llm).pop("_static_decoding", None)
 
 
 def test_sampling_runs_the_stock_linear_forward(llm):
@@ -150,13 +150,13 @@ def test_only_the_head_rows_that_can_be_sampled_are_computed(llm):
     poisoned = copy.deepcopy(llm)
     with torch.no_grad():
         poisoned.lm_head.weight[3:32000] = float("nan")
-    assert generation.can_slice_head(poisoned)
+    assert visual_sampling.can_slice_head(poisoned)
     assert torch.equal(sample(poisoned, False), greedy)
     tokens, poisoned_state = run_seeded(poisoned, 3)
     assert torch.equal(tokens, seeded) and torch.equal(poisoned_state, state)
     hooked = copy.deepcopy(llm)
     hooked.lm_head._hf_hook = object()  # what accelerate's add_hook_to_module leaves on a module
-    assert not generation.can_slice_head(hooked)
+    assert not visual_sampling.can_slice_head(hooked)
     assert torch.equal(sample(hooked, False), greedy)
     assert torch.equal(run_seeded(hooked, 3)[0], seeded)
     calls = []
@@ -172,11 +172,11 @@ def test_head_logits_are_computed_row_by_row_as_the_original_does(llm):
     separate conditional and unconditional forwards; so is a 2 x 16386 x 512 product (the benchmark's size).
     To the float rounding of another kernel: bit for bit with MKL on the AMD EPYC VM, not on an Intel Xeon (where
     even a product with the head's visual rows alone differs from the full product in the last bits)."""
-    ids, mask = generation.left_pad(PROMPTS + [torch.tensor([IMG])] * 3, PAD)
+    ids, mask = visual_sampling.left_pad(PROMPTS + [torch.tensor([IMG])] * 3, PAD)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    runs = generation.sampled_id_runs(generation.suppression_masks(llm.config.vocab_size, range(3, 32000), END_IMG, "cpu")[1])
+    runs = visual_sampling.sampled_id_runs(visual_sampling.suppression_masks(llm.config.vocab_size, range(3, 32000), END_IMG, "cpu")[1])
     with torch.no_grad():
-        logits = generation._last_logits(llm, ids, mask, positions, DynamicCache(config=llm.config), runs)
+        logits = visual_sampling._last_logits(llm, ids, mask, positions, DynamicCache(config=llm.config), runs)
         hidden = llm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
         for row in range(len(ids)):
             alone = llm.lm_head(hidden[row : row + 1])[0]
@@ -184,7 +184,7 @@ def test_head_logits_are_computed_row_by_row_as_the_original_does(llm):
             torch.testing.assert_close(logits[row, :3], alone[:3], rtol=0, atol=1e-6)
         assert torch.isinf(logits[:, 3:IMG]).all()
         weight, rows = torch.randn(16386, 512), torch.randn(2, 512)
-        product = generation.rowwise_linear(rows, weight)
+        product = visual_sampling.rowwise_linear(rows, weight)
         for row in range(2):
             torch.testing.assert_close(product[row], F.linear(rows[row : row + 1], weight)[0], rtol=0, atol=1e-4)
 
@@ -295,8 +295,8 @@ def test_execution_device_sees_through_offload_hooks(llm):
 
     meta = LlamaForCausalLM(llm.config).to("meta")
     meta.model.embed_tokens._hf_hook = Hook()
-    assert generation.execution_device(meta) == torch.device("cpu")
-    assert generation.execution_device(llm) == torch.device("cpu")
+    assert visual_sampling.execution_device(meta) == torch.device("cpu")
+    assert visual_sampling.execution_device(llm) == torch.device("cpu")
 
 
 def test_vision_components_compute_the_same_under_per_module_offload_hooks(converted_dir, reference):

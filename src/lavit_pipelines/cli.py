@@ -331,12 +331,9 @@ def save_image(image, path: Path) -> None:
     """Write through a temporary file in the same folder, so a failure leaves no partial file."""
     import PIL.Image
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format=PIL.Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .staging import write_atomically
+
+    write_atomically(path, lambda tmp: image.save(tmp, format=PIL.Image.registered_extensions()[path.suffix.lower()]))
 
 
 def numbered(path: Path, index: int, count: int) -> Path:
@@ -375,7 +372,7 @@ def run_generate_many(args) -> None:
     seeded with `seed + i` so the result does not depend on the number of processes."""
     import torch
 
-    from .evaluation.runner import process_state
+    from .distributed import leave_together, process_state
     from .pipelines.text2image import LavitText2ImagePipeline
 
     state = process_state()
@@ -426,7 +423,7 @@ def run_evaluate(args) -> None:
     """One evaluation; under `accelerate launch` each process takes its share and the main one prints the metrics."""
     import json
 
-    from .evaluation.runner import process_state
+    from .distributed import leave_together, process_state
 
     state = process_state()
     device, dtype = resolve_device_and_dtype(args)
@@ -435,14 +432,6 @@ def run_evaluate(args) -> None:
     if state.is_main_process:
         print(json.dumps(metrics, indent=1))
     leave_together(state)
-
-
-def leave_together(state) -> None:
-    """The end of a successful `accelerate launch` run: every process waits for the others, then leaves the
-    process group. A process that exits while another is still working makes gloo abort that one."""
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()
 
 
 def evaluation_generation_kwargs(args) -> dict:

@@ -6,8 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-
-from .models.visual_tokenizer import CLIP_MEAN, CLIP_STD
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def open_image_file(path, name: str = "image") -> PIL.Image.Image:
@@ -45,8 +44,15 @@ class LavitImageProcessor(ConfigMixin):
     config_name = "preprocessor_config.json"
 
     @register_to_config
-    def __init__(self, image_size: int = 224, image_mean: tuple = CLIP_MEAN, image_std: tuple = CLIP_STD):
+    def __init__(
+        self, image_size: int = 224, image_mean: tuple = tuple(OPENAI_CLIP_MEAN), image_std: tuple = tuple(OPENAI_CLIP_STD)
+    ):
         super().__init__()
+
+    @classmethod
+    def from_visual_tokenizer_config(cls, config) -> "LavitImageProcessor":
+        """The processor of a `LavitVisualTokenizer` whose config is `config` (its image size, mean and std)."""
+        return cls(image_size=config["image_size"], image_mean=config["image_mean"], image_std=config["image_std"])
 
     def preprocess(self, images, name: str = "image") -> torch.Tensor:
         """One image or a list (PIL, paths, uint8 arrays), or an already preprocessed (B, 3, S, S) float

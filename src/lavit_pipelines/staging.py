@@ -1,5 +1,6 @@
-"""Staging folders: output written under a hidden name that records its owner, published by an atomic rename,
-and cleaned up after processes that were killed before they could clean up themselves.
+"""Staging: output written under a hidden name, published by an atomic rename. Files go through a temporary file
+beside them (`write_atomically`); folders through a staging folder that records its owner, cleaned up after
+processes that were killed before they could clean up themselves.
 
 A staging folder is `.<target>.<kind>-<host>-<pid>-<random>` beside its target. Only folders of this host
 whose process is gone are touched, so a conversion running on another machine of a shared filesystem, or in
@@ -12,6 +13,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 STAGING_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>building|replaced)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
 BUILDING, REPLACED = "building", "replaced"
@@ -24,6 +26,17 @@ def _host() -> str:
 def staging_folder(target: Path, kind: str = BUILDING) -> Path:
     """A new empty folder beside `target`, named for this host and process."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{_host()}-{os.getpid()}-", dir=target.parent))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a hidden temporary file beside `path`, then rename it to `path`: a failure never leaves a
+    half-written file, and whatever `path` held stays until the new file is complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import PreTrainedTokenizerFast
 
 from . import __version__
+from .models.initialization import randomize_zero_parameters
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import VARIANTS, LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
@@ -40,14 +41,6 @@ TIME_EMBED_DIM = 8
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny model's LLaMA-style tokenizer, trained on `CORPUS` (see `build_llama_style_tokenizer`)."""
     return build_llama_style_tokenizer(CORPUS, NUM_MERGES)
-
-
-def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Give parameters that their module initialises to zeros (positions, queries, biases) random values,
-    so that no key mapping or position can hide behind a constant."""
-    for parameter in model.parameters():
-        if not parameter.count_nonzero():
-            torch.nn.init.normal_(parameter, std=std)
 
 
 def _unet(variant: str) -> UNet2DConditionModel:

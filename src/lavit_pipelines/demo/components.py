@@ -11,10 +11,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import PreTrainedTokenizerFast
 
+from ..models.initialization import randomize_zero_parameters
 from ..models.language_model import LavitConfig, LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder
 from ..models.visual_tokenizer import LavitVisualTokenizer
-from ..tiny import randomize_zero_parameters
 from ..tokenization import build_llama_style_tokenizer
 from ..worlds import shapes
 

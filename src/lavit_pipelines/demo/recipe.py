@@ -198,7 +198,7 @@ class RecipeRun:
         images, captions = load_images_and_captions(data)
         components = build_components(r.seed)
         tokenizer = components["visual_tokenizer"]
-        processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
+        processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
         train_vision_encoder(
             tokenizer.encoder, processor, components["tokenizer"], images, captions, r.vision_steps,
             r.vision_batch_size, r.vision_learning_rate, r.seed, r.vision_pixel_weight, log=self.log,

@@ -10,11 +10,13 @@ by the processes); `partial/run.json` records the settings, and a rerun with oth
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..distributed import process_state
+from ..staging import write_atomically
 
 PARTIAL = "partial"
 RUN_CONFIG = "run.json"
@@ -45,12 +47,7 @@ def load_pipelines(model_path: str | Path, device: str = "cpu", dtype: torch.dty
 
 def write_json(path: Path, data) -> None:
     """Write through a temporary file in the same folder: a failure never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
 
 
 def read_json(path: str | Path, name: str):
@@ -92,15 +89,6 @@ def check_run_config(output: Path, config: dict, write: bool = True) -> None:
     elif write:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, config)
-
-
-def process_state():
-    """accelerate's `PartialState`, on the CPU (gloo) when `ACCELERATE_USE_CPU` is set or there is no GPU: a plain
-    `PartialState()` would not see the processes of `accelerate launch --multi_gpu` on a CPU-only machine."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def start_run(output: str | Path, config: dict) -> Path:

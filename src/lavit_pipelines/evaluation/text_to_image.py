@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..pipelines.validation import check_token_limits
 from .metrics import fid_metric, frechet_distance
@@ -37,8 +38,8 @@ class ClipRanker:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         processor_config = folder / "preprocessor_config.json"
         processor = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
-        self.mean = np.array(processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)), dtype=np.float32)
-        self.std = np.array(processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)), dtype=np.float32)
+        self.mean = np.array(processor.get("image_mean", OPENAI_CLIP_MEAN), dtype=np.float32)
+        self.std = np.array(processor.get("image_std", OPENAI_CLIP_STD), dtype=np.float32)
         self.size = self.model.config.vision_config.image_size
 
     def pixel_values(self, images: list[PIL.Image.Image]) -> torch.Tensor:

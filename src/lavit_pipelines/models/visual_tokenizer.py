@@ -7,12 +7,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .attention import SelfCrossBlock, masked_softmax_attention
 from .eva_vit import EvaVisionEncoder
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class TokenPredictor(nn.Module):
@@ -131,8 +129,8 @@ class LavitVisualTokenizer(ModelMixin, ConfigMixin):
         llm_hidden_size: int = 4096,
         encoder_norm_eps: float = 1e-6,
         norm_eps: float = 1e-5,
-        image_mean: tuple[float, ...] = CLIP_MEAN,
-        image_std: tuple[float, ...] = CLIP_STD,
+        image_mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN),
+        image_std: tuple[float, ...] = tuple(OPENAI_CLIP_STD),
     ):
         super().__init__()
         heads = hidden_size // attention_head_dim

@@ -17,7 +17,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..generation import sample_visual_tokens
 from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, check_visual_token_ids
@@ -128,8 +127,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.visual_image_processor = LavitImageProcessor(
-            **({k: visual_tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")} if visual_tokenizer else {})
+        self.visual_image_processor = (
+            LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config) if visual_tokenizer else LavitImageProcessor()
         )
         if None not in (language_model, pixel_decoder, unet):
             self.check_components()
@@ -369,16 +368,11 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
         encoded = self.encode_prompt(prompts, images, max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
-        config = self.language_model.config
         with self.progress_bar(total=max_new_tokens, desc="visual tokens") as progress:
-            generated = sample_visual_tokens(
-                self.language_model,
+            generated = self.language_model.sample_visual_tokens(
                 rows,
-                guidance_scale=llm_guidance_scale,
-                unconditional_prompt=[config.image_start_token_id],
-                suppress_ids=range(3, config.text_vocab_size),
-                eos_token_id=config.image_end_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
+                guidance_scale=llm_guidance_scale,
                 min_new_tokens=min_new_tokens,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,

@@ -10,7 +10,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from ..generation import left_pad
+from ..models.visual_sampling import left_pad
 from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
@@ -150,9 +150,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
     ):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, language_model=language_model, visual_tokenizer=visual_tokenizer)
-        self.image_processor = LavitImageProcessor(
-            **{k: visual_tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")}
-        )
+        self.image_processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
         self._lemmatizer = None
 
     @classmethod

@@ -16,8 +16,7 @@ from torch import nn
 
 from ..image_processor import LavitImageProcessor
 from .data import PROMPT
-from .loop import Stage, lora_layers
-from .pixel_decoder import per_example
+from .loop import Stage, lora_layers, per_example
 
 IGNORE = -100
 UNDERSTANDING_HEAD = ("understanding_predictor", "understanding_merger", "llm_projection")
@@ -162,7 +161,7 @@ class LanguageModelStage(Stage):
             lm.activation_checkpointing_enable({"use_reentrant": False})
             vt.enable_gradient_checkpointing()
         self.trained_components = tuple(trained)
-        self.processor = LavitImageProcessor(**{k: vt.config[k] for k in ("image_size", "image_mean", "image_std")})
+        self.processor = LavitImageProcessor.from_visual_tokenizer_config(vt.config)
         self.module = LanguageModelTrainingModule(lm, vt, components["tokenizer"], config)
 
     def transform(self, image, text: str) -> dict:

@@ -139,6 +139,11 @@ def load_components(model: Path, names: tuple[str, ...], dtype: torch.dtype = to
     return {name: getattr(pipe, name) for name in names}
 
 
+def per_example(generators: list, draw) -> torch.Tensor:
+    """Concatenate `draw(generator)` over the examples' generators."""
+    return torch.cat([draw(generator) for generator in generators])
+
+
 def write_pipeline_folder(model: Path, output: Path, trained: dict) -> None:
     """OUT becomes a complete pipeline folder: the trained components saved, the others copied from BASE.
     Written into a staging folder first, then moved into place."""

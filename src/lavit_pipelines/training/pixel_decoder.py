@@ -21,14 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..image_processor import LavitImageProcessor
-from .loop import Stage, lora_layers
+from .loop import Stage, lora_layers, per_example
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-def per_example(generators: list, draw) -> torch.Tensor:
-    """Concatenate `draw(generator)` over the examples' generators."""
-    return torch.cat([draw(generator) for generator in generators])
 
 
 @torch.no_grad()
@@ -143,7 +138,7 @@ class PixelDecoderStage(Stage):
         resolution = config.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = resolution
         self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-        self.processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
+        self.processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
         self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(accelerator.device)
         self.ema = None
         if config.use_ema:

@@ -128,7 +128,7 @@ class VisualTokenizerStage(Stage):
         tokenizer = components["visual_tokenizer"]
         if config.gradient_checkpointing:
             tokenizer.enable_gradient_checkpointing()
-        self.processor = LavitImageProcessor(**{k: tokenizer.config[k] for k in ("image_size", "image_mean", "image_std")})
+        self.processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
         self.module = VisualTokenizerTrainingModule(tokenizer, config, accelerator)
 
     def transform(self, image, text: str) -> dict:

@@ -1,4 +1,5 @@
-"""Visual-token sampling for text-to-image: LaVIT's classifier-free guidance with one batched forward per token.
+"""The language model's visual-token sampler (`LavitForCausalLM.sample_visual_tokens`): LaVIT's classifier-free
+guidance with one batched forward per token.
 
 The original runs transformers' unbatched CFG (a second forward per token on the bare `[IMG]` context).
 Here the conditional rows and the unconditional rows share one batch and one KV cache; the scores are
@@ -28,8 +29,6 @@ Speed knobs (all keep the sampled tokens and the random-number consumption uncha
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -37,9 +36,21 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 STATIC_CACHE_ROUNDING = 64  # static cache lengths are rounded up to this, so nearby prompt lengths share a compiled step
 
-# Per model: the reusable static cache and compiled decoding step (a new StaticCache or a new compiled function per
-# call would make torch.compile recompile each time).
-_STATIC_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class StaticDecodingState:
+    """A model's reusable static cache and compiled decoding step (a new StaticCache or a new compiled function per
+    call would make torch.compile recompile each time). Kept on the model instance as `_static_decoding`; neither
+    copied nor pickled with it (a copy starts empty), and never part of its state dict or config."""
+
+    def __init__(self):
+        self.key, self.cache, self.compiled = None, None, None
+
+    def __deepcopy__(self, memo) -> "StaticDecodingState":
+        return StaticDecodingState()
+
+    def __reduce__(self):
+        return StaticDecodingState, ()
 
 
 def left_pad(sequences: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,18 +208,20 @@ def rowwise_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _static_state(model, rows: int, max_cache_len: int, compile: bool) -> tuple[StaticCache, object]:
     """A reset StaticCache for (rows, max_cache_len) and the decoding-step function, both reused across calls."""
-    state = _STATIC_STATE.setdefault(model, {})
+    state = getattr(model, "_static_decoding", None)
+    if state is None:
+        state = model._static_decoding = StaticDecodingState()
     dtype, device = model.dtype, model.device
     key = (rows, max_cache_len, dtype, device)
-    if state.get("key") != key:
-        state["key"] = key
-        state["cache"] = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if state.key != key:
+        state.key = key
+        state.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     else:
-        state["cache"].reset()
-    if compile and "compiled" not in state:
+        state.cache.reset()
+    if compile and state.compiled is None:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        state["compiled"] = torch.compile(_last_logits, mode=mode, fullgraph=True)
-    return state["cache"], state["compiled"] if compile else _last_logits
+        state.compiled = torch.compile(_last_logits, mode=mode, fullgraph=True)
+    return state.cache, state.compiled if compile else _last_logits
 
 
 @torch.no_grad()
@@ -233,7 +246,8 @@ def sample_visual_tokens(
     compile: bool = False,
     stop_check_interval: int | None = None,
 ) -> torch.Tensor:
-    """Generate after each prompt (1-D ids ending with `[IMG]`) until `eos_token_id` or `max_new_tokens`.
+    """Generate after each prompt (1-D ids ending with `[IMG]`) until `eos_token_id` or `max_new_tokens`. Works on any
+    transformers causal LM; `LavitForCausalLM.sample_visual_tokens` fills in LaVIT's ids from its config.
 
     Args (beyond the sampling ones):
         cache_implementation: `"dynamic"` (a growing `DynamicCache`) or `"static"` (a preallocated `StaticCache`,
