@@ -66,8 +66,8 @@ def main() -> None:
         output = args.output or Path(scratch)
         start = time.perf_counter()
         metrics = evaluate_shapes(
-            args.model, output, args.num_prompts, args.num_scenes, args.seed, args.batch_size,
-            generation_kwargs={"num_inference_steps": args.steps},
+            args.model, output=output, num_prompts=args.num_prompts, num_scenes=args.num_scenes, seed=args.seed,
+            batch_size=args.batch_size, generation_kwargs={"num_inference_steps": args.steps},
         )
         print(f"model {args.model}: evaluated in {time.perf_counter() - start:.1f} s")
         print(json.dumps(metrics, indent=1))

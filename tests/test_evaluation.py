@@ -147,28 +147,28 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
     missing_image = tmp_path / "missing.json"
     missing_image.write_text(json.dumps([{"image": "00000.png", "image_id": 0}, {"image": "nope.png", "image_id": 1}]))
     with pytest.raises(FileNotFoundError, match=r"missing.json: entry 1: no image file .*nope.png"):
-        evaluate_captioning(NO_MODEL, missing_image, images, data / "caption_gt.json", out)
+        evaluate_captioning(NO_MODEL, annotations=missing_image, images=images, ground_truth=data / "caption_gt.json", output=out)
     no_key = tmp_path / "no_key.json"
     no_key.write_text(json.dumps([{"question_id": 1, "image": "00000.png", "answer": ["a"]}]))
     with pytest.raises(ValueError, match=r"no_key.json: entry 0 has no 'question'"):
-        evaluate_vqa(NO_MODEL, no_key, images, out, lemmatize=False)
+        evaluate_vqa(NO_MODEL, annotations=no_key, images=images, output=out, lemmatize=False)
     partial_gt = tmp_path / "gt.json"
     partial_gt.write_text(json.dumps({"annotations": [{"image_id": 0, "caption": "a"}]}))
     with pytest.raises(ValueError, match=r"gt.json has no caption for image id 1 \(3 ids uncovered\)"):
-        evaluate_captioning(NO_MODEL, data / "caption.json", images, partial_gt, out)
+        evaluate_captioning(NO_MODEL, annotations=data / "caption.json", images=images, ground_truth=partial_gt, output=out)
     questions = tmp_path / "questions.json"
     questions.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 0, "question": "q"}]}))
     with pytest.raises(ValueError, match="official VQA questions file: pass its annotations as --ground-truth"):
-        evaluate_vqa(NO_MODEL, questions, images, out, lemmatize=False)
+        evaluate_vqa(NO_MODEL, annotations=questions, images=images, output=out, lemmatize=False)
     with pytest.raises(ValueError, match="'answer' must be a str for gqa"):
-        evaluate_vqa(NO_MODEL, data / "vqa.json", images, out, dataset="gqa", lemmatize=False)
+        evaluate_vqa(NO_MODEL, annotations=data / "vqa.json", images=images, output=out, dataset="gqa", lemmatize=False)
     with pytest.raises(ValueError, match="needs a CLIP folder"):
-        evaluate_text_to_image(NO_MODEL, data / "t2i.json", out)
+        evaluate_text_to_image(NO_MODEL, annotations=data / "t2i.json", output=out)
     assert main(["evaluate", "t2i", "--model", NO_MODEL, "--annotations", str(data / "t2i.json"), "--output", str(out)]) == 2
     assert "--inception-weights FILE, or --no-fid" in capsys.readouterr().err
     start_run(out, {"seed": 0})
     with pytest.raises(ValueError, match="other settings"):
-        evaluate_captioning(NO_MODEL, data / "caption.json", images, data / "caption_gt.json", out)
+        evaluate_captioning(NO_MODEL, annotations=data / "caption.json", images=images, ground_truth=data / "caption_gt.json", output=out)
     assert not any(out.glob("*.json"))  # nothing written
 
 
@@ -178,8 +178,8 @@ def test_caption_run_resumes_after_an_interruption(data, tmp_path):
     start_run(out, settings)
     # an interrupted run: image 0 done, the line of image 1 cut in the middle
     (out / PARTIAL / "predictions-rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
-    scores = evaluate_captioning(tiny_pipeline_path(), data / "caption.json", data / "images", data / "caption_gt.json", out,
-                                 batch_size=1, limit=3, metrics=("Bleu", "CIDEr"))
+    scores = evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",
+                                 ground_truth=data / "caption_gt.json", output=out, batch_size=1, limit=3, metrics=("Bleu", "CIDEr"))
     predictions = json.loads((out / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == [0, 1, 2]
     assert predictions[0]["caption"] == "a red circle"  # kept, not recomputed
@@ -207,7 +207,7 @@ def test_two_processes_give_the_predictions_of_one(data, tmp_path):
 def test_text_to_image_reranks_with_clip_and_scores_fid(data, clip_dir, tmp_path):
     out = tmp_path / "t2i"
     scores = evaluate_text_to_image(
-        tiny_pipeline_path(), data / "t2i.json", out, images=data / "images", clip=clip_dir, fid_feature=MeanColor(),
+        tiny_pipeline_path(), annotations=data / "t2i.json", output=out, images=data / "images", clip=clip_dir, fid_feature=MeanColor(),
         num_images=2, resolution=32, batch_size=2, limit=3, generation_kwargs=FAST_T2I,
     )
     records = json.loads((out / "predictions.json").read_text())

@@ -21,6 +21,7 @@ _EXPORTS = {
     "LavitPixelDecoderOutput": ".models",
     "LavitVisualTokenizer": ".models",
     "LavitImageProcessor": ".image_processor",
+    "LavitProcessor": ".processing",
     "load_lavit_tokenizer": ".tokenization",
     "default_model_path": ".demo",
 }

@@ -94,27 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_parser(commands) -> None:
-    """`lavit train STAGE --model BASE --data DATA --output OUT`, one option per `TrainingConfig` field."""
+    """`lavit train STAGE --model BASE --data DATA --output OUT`, one option per `TrainingConfig` field, with the
+    field's help text."""
     import dataclasses
     import typing
 
     from .training.config import STAGES, TrainingConfig
 
     train = commands.add_parser("train", formatter_class=HelpFormatter, help="train or fine-tune one LaVIT stage (see docs/training.md)")
-    train.add_argument("stage", choices=STAGES)
-    for field in dataclasses.fields(TrainingConfig)[1:]:  # after `stage`
-        flag = "--" + field.name.replace("_", "-")
+    stage, *fields = dataclasses.fields(TrainingConfig)
+    train.add_argument("stage", choices=STAGES, help=stage.metadata["help"])
+    for field in fields:
+        flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            train.add_argument(flag, required=True)
+            train.add_argument(flag, required=True, help=help)
             continue
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if isinstance(default, bool):
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         elif isinstance(default, list):
-            train.add_argument(flag, nargs="+", default=default, help=" ")
+            train.add_argument(flag, nargs="+", default=default, help=help)
         else:
             kind = type(default) if default is not None else next(t for t in typing.get_args(field.type) if t is not type(None))
-            train.add_argument(flag, type=kind, default=default, help=" ")
+            train.add_argument(flag, type=kind, default=default, help=help)
 
 
 def add_evaluate_parser(commands) -> None:
@@ -447,8 +449,9 @@ def evaluate_caption(args, device, dtype):
     from .evaluation.captioning import evaluate_captioning
 
     return evaluate_captioning(
-        args.model, args.annotations, args.images, args.ground_truth, args.output, args.batch_size, args.seed,
-        device, dtype, args.limit, tuple(args.metrics),
+        args.model, annotations=args.annotations, images=args.images, ground_truth=args.ground_truth,
+        output=args.output, batch_size=args.batch_size, seed=args.seed, device=device, dtype=dtype, limit=args.limit,
+        metrics=tuple(args.metrics),
     )
 
 
@@ -456,8 +459,9 @@ def evaluate_vqa(args, device, dtype):
     from .evaluation.vqa import evaluate_vqa as run
 
     return run(
-        args.model, args.annotations, args.images, args.output, args.dataset, args.ground_truth,
-        not args.no_lemmatize, args.batch_size, args.seed, device, dtype, args.limit,
+        args.model, annotations=args.annotations, images=args.images, output=args.output, dataset=args.dataset,
+        ground_truth=args.ground_truth, lemmatize=not args.no_lemmatize, batch_size=args.batch_size, seed=args.seed,
+        device=device, dtype=dtype, limit=args.limit,
     )
 
 
@@ -468,9 +472,10 @@ def evaluate_t2i(args, device, dtype):
     if not (args.inception_weights or args.no_fid):
         raise UsageError(f"{INCEPTION_HINT}: pass --inception-weights FILE, or --no-fid")
     return evaluate_text_to_image(
-        args.model, args.annotations, args.output, args.images, args.clip, None if args.no_fid else args.inception_weights,
-        args.num_images, args.resolution, args.batch_size, args.seed, device, dtype, args.limit,
-        generation_kwargs=evaluation_generation_kwargs(args),
+        args.model, annotations=args.annotations, output=args.output, images=args.images, clip=args.clip,
+        fid_feature=None if args.no_fid else args.inception_weights, num_images=args.num_images,
+        resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, device=device, dtype=dtype,
+        limit=args.limit, generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 
@@ -478,8 +483,8 @@ def evaluate_shapes(args, device, dtype):
     from .evaluation.shapes import evaluate_shapes as run
 
     return run(
-        args.model, args.output, args.num_prompts, args.num_scenes, args.seed, args.batch_size, device, dtype,
-        generation_kwargs=evaluation_generation_kwargs(args),
+        args.model, output=args.output, num_prompts=args.num_prompts, num_scenes=args.num_scenes, seed=args.seed,
+        batch_size=args.batch_size, device=device, dtype=dtype, generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 

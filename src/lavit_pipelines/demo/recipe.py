@@ -141,15 +141,15 @@ class RecipeRun:
             # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
             # One thread: on two, the same run gave other weights each time (torch's CPU reductions).
             with single_thread():
-                tokenizer = self.lavit_stage(
+                visual_tokenizer = self.lavit_stage(
                     "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
                     dead_code_threshold=0.03, target_keep_ratio=r.tokenizer_keep_ratio,
                 )
-            decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", tokenizer, data)
+            decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", visual_tokenizer, data)
             with single_thread():
                 # The demo's understanding head starts from the stage-1 predictor and merger (never trained).
                 language = self.lavit_stage(
-                    "language-model", tokenizer, texts, "language", ("visual-tokenizer", "data-language"),
+                    "language-model", visual_tokenizer, texts, "language", ("visual-tokenizer", "data-language"),
                     init_understanding_head=True, understanding_ratio=r.language_understanding_ratio,
                 )
             self.keys.update(decoder.result())
@@ -163,11 +163,11 @@ class RecipeRun:
         r = self.recipe
         return self.stage("autoencoder", lambda out: self.train_autoencoder(data, out), r.settings("vae"), ("data",))
 
-    def pixel_decoder_stage(self, tokenizer: Path, data: Path) -> Path:
+    def pixel_decoder_stage(self, visual_tokenizer: Path, data: Path) -> Path:
         # The decoder and the UNet train from scratch on stage 1's codebook (init_decoder_input); the VAE's
         # latents are encoded once (cache_latents): about half of a step's time (benchmarks/decoder_training_step.py).
         return self.lavit_stage(
-            "pixel-decoder", tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True, init_decoder_input=True,
+            "pixel-decoder", visual_tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True, init_decoder_input=True,
             snr_gamma=self.recipe.decoder_snr_gamma, cache_latents=True,
         )
 
@@ -197,13 +197,13 @@ class RecipeRun:
         r = self.recipe
         images, captions = load_images_and_captions(data)
         components = build_components(r.seed)
-        tokenizer = components["visual_tokenizer"]
-        processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
+        visual_tokenizer = components["visual_tokenizer"]
+        processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
         train_vision_encoder(
-            tokenizer.encoder, processor, components["tokenizer"], images, captions, r.vision_steps,
+            visual_tokenizer.encoder, processor, components["tokenizer"], images, captions, r.vision_steps,
             r.vision_batch_size, r.vision_learning_rate, r.seed, r.vision_pixel_weight, log=self.log,
         )
-        tokenizer.save_pretrained(folder)
+        visual_tokenizer.save_pretrained(folder)
 
     def assemble_base(self, folder: Path) -> None:
         """The untrained demo pipeline with the trained autoencoder and ViT: the first LaVIT stage's BASE."""

@@ -51,6 +51,7 @@ def load_references(ground_truth: str | Path, image_ids: list[int]) -> dict[int,
 
 def evaluate_captioning(
     model_path: str | Path,
+    *,
     annotations: str | Path,
     images: str | Path,
     ground_truth: str | Path,

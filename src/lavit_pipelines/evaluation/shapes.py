@@ -136,6 +136,7 @@ def run_questions(pipe, scenes: list[Scene], images: list, output: Path, seed: i
 
 def evaluate_shapes(
     model_path: str | Path,
+    *,
     output: str | Path,
     num_prompts: int = 60,
     num_scenes: int = 60,

@@ -91,6 +91,7 @@ def _image_batches(paths: list[str], size: int | None, batch_size: int = 32):
 
 def evaluate_text_to_image(
     model_path: str | Path,
+    *,
     annotations: str | Path,
     output: str | Path,
     images: str | Path | None = None,

@@ -126,6 +126,7 @@ def vqa_metrics(items: list[dict], answers: dict, dataset: str, lemmatizer=None)
 
 def evaluate_vqa(
     model_path: str | Path,
+    *,
     annotations: str | Path,
     images: str | Path,
     output: str | Path,

@@ -115,37 +115,18 @@ class LavitForCausalLM(LlamaForCausalLM):
         return token_ids[self.is_visual_token(token_ids)] - self.config.visual_token_offset
 
     @torch.no_grad()
-    def sample_visual_tokens(
-        self,
-        prompts: list[torch.Tensor],
-        *,
-        pad_token_id: int,
-        guidance_scale: float,
-        min_new_tokens: int,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        progress_bar=None,
-        cache_implementation: str = "dynamic",
-        compile: bool = False,
-        stop_check_interval: int | None = None,
-    ) -> torch.Tensor:
+    def sample_visual_tokens(self, prompts: list[torch.Tensor], *, pad_token_id: int, **sampling) -> torch.Tensor:
         """Sample the visual tokens of one image after each prompt (1-D ids ending with ``[IMG]``), as LaVIT does:
         guidance against the bare ``[IMG]`` context, text ids 3 ... 31999 suppressed, until ``[/IMG]``.
 
-        Returns (B, T) generated ids (``[/IMG]`` included), rows that finished early padded with
-        ``pad_token_id``; ``token_ids_to_codes`` turns a row into codebook indices. The remaining arguments are
-        those of `visual_sampling.sample_visual_tokens` (the static cache and compiled step live on this model).
+        `sampling`: the settings of `visual_sampling.sample_visual_tokens` (`guidance_scale`, `min_new_tokens`,
+        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `generator`, and optionally
+        `progress_bar`, `cache_implementation`, `compile`, `stop_check_interval`); its static cache and compiled
+        step live on this model. Returns (B, T) generated ids (``[/IMG]`` included), rows that finished early padded
+        with ``pad_token_id``; ``token_ids_to_codes`` turns a row into codebook indices.
         """
         config = self.config
         return visual_sampling.sample_visual_tokens(
-            self, prompts, guidance_scale=guidance_scale, unconditional_prompt=[config.image_start_token_id],
-            suppress_ids=range(3, config.text_vocab_size), eos_token_id=config.image_end_token_id,
-            pad_token_id=pad_token_id, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            progress_bar=progress_bar, cache_implementation=cache_implementation, compile=compile,
-            stop_check_interval=stop_check_interval,
+            self, prompts, unconditional_prompt=[config.image_start_token_id], suppress_ids=range(3, config.text_vocab_size),
+            eos_token_id=config.image_end_token_id, pad_token_id=pad_token_id, **sampling,
         )

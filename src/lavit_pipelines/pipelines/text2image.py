@@ -2,7 +2,7 @@
 
 import inspect
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -12,7 +12,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
@@ -21,14 +21,14 @@ from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, check_visual_token_ids
 from ..models.visual_tokenizer import LavitVisualTokenizer
+from ..processing import LavitProcessor, images_per_prompt
 from .base import LavitPipelineMixin, read_model_index
 from .lora import LavitLoraLoaderMixin
 from .outputs import LavitText2ImagePipelineOutput
-from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
+from .validation import (
+    check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
+)
 
-logger = logging.get_logger(__name__)
-
-IMAGE_PLACEHOLDER = "<image>"
 NO_VISUAL_TOKENIZER = (
     "`image` needs the visual tokenizer: this pipeline was loaded with `visual_tokenizer=None`; load it without that "
     "argument or pass `visual_tokenizer=`."
@@ -56,6 +56,16 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", visual_tokenizer=None)
         ```
 """
+
+
+class PromptInputs(NamedTuple):
+    """The language-model inputs of a call, checked and normalised once (`check_prompt_inputs`)."""
+
+    prompts: list[str]
+    images: list[list]  # per prompt, its images in the order of its `<image>` placeholders
+    llm_guidance_scale: float
+    min_new_tokens: int
+    max_new_tokens: int
 
 
 def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_images_per_prompt: int) -> None:
@@ -161,6 +171,11 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             )
 
     @property
+    def processor(self) -> LavitProcessor:
+        """The LaVIT sequence layout of this pipeline's tokenizer, visual image processor and language model."""
+        return LavitProcessor(self.tokenizer, self.visual_image_processor, self.language_model.config)
+
+    @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
 
@@ -186,41 +201,24 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             return list(prompt)
         raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
 
-    @staticmethod
-    def _images_per_prompt(prompts: list[str], image) -> list[list]:
-        """Group `image` by prompt: one list per prompt, as many images as its `<image>` placeholders."""
-        counts = [p.count(IMAGE_PLACEHOLDER) for p in prompts]
-        if image is None:
-            images = [[] for _ in prompts]
-        elif isinstance(image, torch.Tensor):
-            images = list(image.split(counts)) if image.ndim == 4 and len(image) == sum(counts) else None
-        elif len(prompts) > 1 and isinstance(image, (list, tuple)) and all(isinstance(i, (list, tuple)) for i in image):
-            images = [list(i) for i in image]
-        else:
-            images = [list(image) if isinstance(image, (list, tuple)) else [image]] if len(prompts) == 1 else None
-        if images is None or len(images) != len(prompts) or [len(i) for i in images] != counts:
-            given = "no image" if image is None else f"{len(image) if isinstance(image, (list, tuple, torch.Tensor)) else 1} image entries"
-            raise ValueError(
-                f"The prompts hold {counts} `{IMAGE_PLACEHOLDER}` placeholders but `image` has {given}; pass one image "
-                f"per placeholder (a list per prompt when `prompt` is a list)."
-            )
-        return images
-
     def check_inputs(
         self, prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
         do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
         latents, output_type, callback_on_step_end_tensor_inputs, eta=0.0,
-    ) -> None:
-        """Raise a clear error for any invalid argument, before any model runs."""
+    ) -> PromptInputs | None:
+        """Raise a clear error for any invalid argument, before any model runs. Returns the checked language-model
+        inputs (`check_prompt_inputs`), or None with `visual_token_ids`."""
         if (prompt is None) == (visual_token_ids is None):
             raise ValueError("Pass exactly one of `prompt` and `visual_token_ids`.")
+        checked = None
         if visual_token_ids is not None:
             check_visual_token_ids(visual_token_ids, self.pixel_decoder.config.codebook_size, self.pixel_decoder.config.num_queries)
             if image is not None:
                 raise ValueError("`image` is only used with `prompt`; `visual_token_ids` skips the language model.")
         else:
-            self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
-            self.check_image_prompts(self._as_prompt_list(prompt), image)
+            checked = self.check_prompt_inputs(
+                prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
+            )
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, int) or size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {size!r}.")
@@ -235,19 +233,15 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
                 f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, "
                 f"got {callback_on_step_end_tensor_inputs}."
             )
-        batch = (len(visual_token_ids) if visual_token_ids is not None else len(self._as_prompt_list(prompt)))
-        batch *= num_images_per_prompt
+        batch = (len(visual_token_ids) if checked is None else len(checked.prompts)) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must be a tensor of shape {shape} for this batch and size, got {got}.")
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("`latents` must hold finite values, found NaN or infinity.")
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+        check_generator(generator, batch)
+        return checked
 
     def check_schedule(self, timesteps, sigmas) -> None:
         """ValueError unless at most one of `timesteps` and `sigmas` is given, and the scheduler takes it."""
@@ -256,6 +250,19 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
             if value is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
                 raise ValueError(f"`{name}`: {type(self.scheduler).__name__} does not take custom {name}.")
+
+    def check_prompt_inputs(
+        self, prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
+    ) -> PromptInputs:
+        """The language-model stage's arguments, checked once: the prompts as a list, the images grouped per prompt,
+        the guidance (4.0, or 5.0 when the prompts hold images) and the token limits (`default_token_limits`)."""
+        min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
+        self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
+        prompts = self._as_prompt_list(prompt)
+        images = self.check_image_prompts(prompts, image)
+        if llm_guidance_scale is None:
+            llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
+        return PromptInputs(prompts, images, llm_guidance_scale, min_new_tokens, max_new_tokens)
 
     def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
         if llm_guidance_scale is not None:
@@ -271,7 +278,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
 
     def check_image_prompts(self, prompts: list[str], image) -> list[list]:
         """Images grouped per prompt, checked against the placeholders, the files and the visual tokenizer."""
-        images = self._images_per_prompt(prompts, image)
+        images = images_per_prompt(prompts, image)
         flat = [item for group in images for item in group]
         check_image_items(flat)
         if flat and self.visual_tokenizer is None:
@@ -305,32 +312,19 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
     def encode_prompt(self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None) -> list[torch.Tensor]:
         """Prompts with `<image>` placeholders -> per prompt the LLM ids: text segments tokenised on their own
         (no BOS), each image as its visual codes + offset (no [IMG]/[/IMG]), then `[IMG]`."""
-        config = self.language_model.config
-        image_codes = iter(self._tokenize_images([img for imgs in images for img in imgs], generator))
-        encoded = []
-        for prompt in prompts:
-            ids = []
-            for i, segment in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-                if i > 0:
-                    ids += self.language_model.codes_to_token_ids(next(image_codes).cpu()).tolist()
-                if segment.strip():
-                    ids += self.tokenizer(segment.strip(), add_special_tokens=False).input_ids
-            encoded.append(torch.tensor(self._truncate(ids, max_new_tokens) + [config.image_start_token_id]))
-        return encoded
-
-    def _truncate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Keep the prompt ids that fit the context beside `[IMG]` and the new tokens."""
-        limit = self.language_model.config.max_position_embeddings - max_new_tokens - 1
-        if len(ids) > limit:
-            logger.warning(f"The prompt has {len(ids)} tokens; only the first {limit} fit the language model's context.")
-        return ids[:limit]
+        codes = self._tokenize_images([img for imgs in images for img in imgs], generator)
+        visual_ids = iter([self.language_model.codes_to_token_ids(c.cpu()) for c in codes])
+        processor = self.processor
+        return [
+            torch.tensor(processor.prompt_ids(prompt, [next(visual_ids) for _ in group], max_new_tokens))
+            for prompt, group in zip(prompts, images)
+        ]
 
     def _tokenize_images(self, images: list, generator) -> list[torch.Tensor]:
-        """All prompt images, tokenised in one batch with the stage-1 weights -> codes per image."""
+        """All prompt images, tokenised in one batch with the stage-1 weights -> codes per image (the callers' checks
+        have made sure that there is a visual tokenizer when there are images)."""
         if not images:
             return []
-        if self.visual_tokenizer is None:
-            raise ValueError(NO_VISUAL_TOKENIZER)
         preprocess = self.visual_image_processor.preprocess
         pixels = torch.cat([preprocess(i[None] if isinstance(i, torch.Tensor) else i) for i in images])
         pixels = pixels.to(self._execution_device, self.visual_tokenizer.dtype)
@@ -360,21 +354,27 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         `cache_implementation="static"` (optionally with `compile=True`) decodes with a preallocated KV cache and
         fixed shapes, for `torch.compile`/CUDA graphs; the tokens are the same (see `docs/speed.md`).
         """
-        prompts = self._as_prompt_list(prompt)
-        images = self.check_image_prompts(prompts, image)
-        min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
-        self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
-        if llm_guidance_scale is None:
-            llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
-        encoded = self.encode_prompt(prompts, images, max_new_tokens, generator)
+        checked = self.check_prompt_inputs(
+            prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
+        )
+        return self._generate_visual_tokens(
+            checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator, cache_implementation, compile
+        )
+
+    def _generate_visual_tokens(
+        self, checked: PromptInputs, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
+        cache_implementation: str = "dynamic", compile: bool = False,
+    ) -> list[torch.Tensor]:
+        """`generate_visual_tokens` on inputs that `check_prompt_inputs` has checked."""
+        encoded = self.encode_prompt(checked.prompts, checked.images, checked.max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
-        with self.progress_bar(total=max_new_tokens, desc="visual tokens") as progress:
+        with self.progress_bar(total=checked.max_new_tokens, desc="visual tokens") as progress:
             generated = self.language_model.sample_visual_tokens(
                 rows,
-                pad_token_id=self.tokenizer.pad_token_id,
-                guidance_scale=llm_guidance_scale,
-                min_new_tokens=min_new_tokens,
-                max_new_tokens=max_new_tokens,
+                pad_token_id=self.processor.pad_token_id,
+                guidance_scale=checked.llm_guidance_scale,
+                min_new_tokens=checked.min_new_tokens,
+                max_new_tokens=checked.max_new_tokens,
                 do_sample=do_sample,
                 temperature=temperature,
                 top_k=top_k,
@@ -386,7 +386,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             )
             progress.total = progress.n  # the images ended after this many tokens: the bar ends full
         codes = [self.language_model.token_ids_to_codes(row) for row in generated]
-        check_generated_codes(prompts, codes, num_images_per_prompt)
+        check_generated_codes(checked.prompts, codes, num_images_per_prompt)
         return codes
 
     # ------------------------------------------------------------------ diffusion stage
@@ -582,9 +582,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
-        min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        self.check_inputs(
+        checked = self.check_inputs(
             prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
             do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
             latents, output_type, callback_on_step_end_tensor_inputs, eta=eta,
@@ -594,9 +593,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffusio
         device = self._execution_device
 
         if visual_token_ids is None:
-            visual_token_ids = self.generate_visual_tokens(
-                prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens,
-                max_new_tokens, num_images_per_prompt, generator, **(llm_decoding_kwargs or {}),
+            visual_token_ids = self._generate_visual_tokens(
+                checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
+                **(llm_decoding_kwargs or {}),
             )
         else:
             visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]

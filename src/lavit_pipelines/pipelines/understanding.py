@@ -10,15 +10,17 @@ from diffusers.utils import replace_example_docstring
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from ..models.visual_sampling import left_pad
 from ..image_processor import LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
+from ..processing import LavitProcessor
 from .base import LavitPipelineMixin
 from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
 from .text2image import ImageInput
 from .outputs import LavitUnderstandingPipelineOutput
-from .validation import check_float, check_image_items, check_positive_int, check_sampling, check_token_limits
+from .validation import (
+    check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
+)
 
 VQA_PROMPT = "Question: {} Answer:"
 # The pipeline's generation settings when neither the call nor `generation_config` sets them.
@@ -162,10 +164,9 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
         return super().extract_init_dict(config_dict, **kwargs)
 
     @property
-    def pad_token_id(self) -> int:
-        """The id whose embedding pads the batch (the original pads with eos, id 2)."""
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
+    def processor(self) -> LavitProcessor:
+        """The LaVIT sequence layout of this pipeline's tokenizer, image processor and language model."""
+        return LavitProcessor(self.tokenizer, self.image_processor, self.language_model.config)
 
     # ------------------------------------------------------------------ inputs
 
@@ -175,17 +176,26 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
             return len(image)
         return 1
 
+    @staticmethod
+    def _prompt_per_image(prompt: str | list[str] | None, num_images: int) -> list[str] | None:
+        """One prompt per image; None without a prompt (or an empty string)."""
+        if not prompt:
+            return None
+        return [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+
     def check_inputs(
         self, image, prompt, max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, top_k,
         length_penalty, repetition_penalty, num_return_sequences, generator, streamer,
-    ) -> None:
-        """Raise a clear error for any invalid argument, before any model runs."""
+    ) -> list[str] | None:
+        """Raise a clear error for any invalid argument, before any model runs. Returns the prompts, one per image
+        (None without a prompt)."""
+        num_images = self._num_images(image)
         if prompt is not None:
             if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in prompt):
                 raise TypeError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-            if not isinstance(prompt, str) and len(prompt) != self._num_images(image):
+            if not isinstance(prompt, str) and len(prompt) != num_images:
                 raise ValueError(
-                    f"`prompt` has {len(prompt)} entries but `image` has {self._num_images(image)}; pass one prompt per "
+                    f"`prompt` has {len(prompt)} entries but `image` has {num_images}; pass one prompt per "
                     f"image, or a single string for all."
                 )
         for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
@@ -198,23 +208,20 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
         check_sampling(do_sample, top_k, top_p, temperature)
         check_float("length_penalty", length_penalty)
         check_float("repetition_penalty", repetition_penalty)
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise TypeError(f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}.")
-        if isinstance(generator, list) and len(generator) != self._num_images(image):
-            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({self._num_images(image)}).")
+        check_generator(generator, num_images)
         check_image_items(list(image) if isinstance(image, (list, tuple)) else [image])
         if streamer is not None and num_beams > 1:
             raise ValueError("`streamer` cannot be used with beam search (`num_beams` > 1).")
-        self.check_context(prompt, max_new_tokens)
+        prompts = self._prompt_per_image(prompt, num_images)
+        self.check_context(prompts, max_new_tokens)
+        return prompts
 
-    def check_context(self, prompt, max_new_tokens: int) -> None:
+    def check_context(self, prompts: list[str] | None, max_new_tokens: int) -> None:
         """ValueError when the longest prompt, an image (at most one feature per patch, plus [IMG] and [/IMG]) and
         `max_new_tokens` do not fit the language model's context."""
         vision = self.visual_tokenizer.config
         image_tokens = (vision.image_size // vision.patch_size) ** 2 + 2
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        longest = max((len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts), default=0)
+        longest = max((len(self.processor.text_ids(p)) for p in prompts or []), default=0)
         context = self.language_model.config.max_position_embeddings
         if longest + image_tokens + max_new_tokens > context:
             raise ValueError(
@@ -228,46 +235,14 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
         pixel_values = pixel_values.to(self._execution_device, self.visual_tokenizer.dtype)
         return self.visual_tokenizer.encode_features(pixel_values, generator=generator)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        embeddings = self.language_model.get_input_embeddings()
-        return embeddings(ids.to(embeddings.weight.device))
-
     def prepare_inputs_embeds(
         self, features: list[torch.Tensor], prompt: str | list[str] | None = None, pad_prompt_before_image: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image (n_i, D) features (+ prompts) -> the LLM input (B, L, D) and attention mask (B, L).
-
-        Each row is `[emb([IMG])] features [emb([/IMG])]`, left-padded with the pad (eos) embedding and mask 0,
-        followed by the prompt embeddings (no BOS), left-padded the same way. A padded prompt's pads stay
-        between image and text (the original's `generate`), or move before the image with
-        `pad_prompt_before_image=True` (the original's `predict_answers`).
-        """
-        config = self.language_model.config
-        weight = self.language_model.get_input_embeddings().weight
-        markers = self._embed(torch.tensor([config.image_start_token_id, config.image_end_token_id]))
-        rows = [torch.cat([markers[:1], f.to(weight.device, weight.dtype), markers[1:]]) for f in features]
-        pad = self._embed(torch.tensor([self.pad_token_id]))[0]
-        length = max(len(row) for row in rows)
-        embeds = pad.expand(len(rows), length, -1).clone()
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=weight.device)
-        for i, row in enumerate(rows):
-            embeds[i, length - len(row):] = row
-            mask[i, length - len(row):] = 1
-        if prompt is None or prompt == "":
-            return embeds, mask
-
-        prompts = [prompt] * len(rows) if isinstance(prompt, str) else list(prompt)
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        ids, prompt_mask = left_pad(ids, self.pad_token_id)
-        prompt_embeds, prompt_mask = self._embed(ids), prompt_mask.to(weight.device)
-        if not pad_prompt_before_image:
-            return torch.cat([embeds, prompt_embeds], dim=1), torch.cat([mask, prompt_mask], dim=1)
-        moved_embeds, moved_mask = [], []
-        for image_embeds, image_mask, text_embeds, text_mask in zip(embeds, mask, prompt_embeds, prompt_mask):
-            pads = int((text_mask == 0).sum())
-            moved_embeds.append(torch.cat([text_embeds[:pads], image_embeds, text_embeds[pads:]]))
-            moved_mask.append(torch.cat([text_mask[:pads], image_mask, text_mask[pads:]]))
-        return torch.stack(moved_embeds), torch.stack(moved_mask)
+        """Per image (n_i, D) features (+ a prompt for all, or one per image) -> the LLM input (B, L, D) and attention
+        mask (B, L): `[IMG] features [/IMG] prompt`, laid out by `LavitProcessor.understanding_inputs`."""
+        prompts = self._prompt_per_image(prompt, len(features))
+        embeddings = self.language_model.get_input_embeddings()
+        return self.processor.understanding_inputs(features, prompts, embeddings, pad_prompt_before_image)
 
     # ------------------------------------------------------------------ call
 
@@ -343,7 +318,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
         settings = generation_settings(generation_config, GENERATION_DEFAULTS, given)
         if given["min_new_tokens"] is None and isinstance(settings["max_new_tokens"], int):
             settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
-        self.check_inputs(
+        prompts = self.check_inputs(
             image, prompt, settings["max_new_tokens"], settings["min_new_tokens"], settings["num_beams"],
             settings["do_sample"], settings["temperature"], settings["top_p"], settings["top_k"],
             settings["length_penalty"], settings["repetition_penalty"], settings["num_return_sequences"], generator,
@@ -353,7 +328,8 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
         if built:
             raise TypeError(f"{built} are built by the pipeline from `image` and `prompt`; do not pass them.")
         features = self.encode_images(image, generator)
-        inputs_embeds, attention_mask = self.prepare_inputs_embeds(features, prompt, pad_prompt_before_image)
+        embeddings = self.language_model.get_input_embeddings()
+        inputs_embeds, attention_mask = self.processor.understanding_inputs(features, prompts, embeddings, pad_prompt_before_image)
         unused = (("temperature", "top_p", "top_k") if not settings["do_sample"] else ()) + (
             ("length_penalty", "early_stopping") if settings["num_beams"] == 1 else ()
         )
@@ -382,7 +358,7 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Diffu
 
     def _token_ids(self) -> dict:
         return dict(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.pad_token_id)
+                    pad_token_id=self.processor.pad_token_id)
 
     @staticmethod
     def _task_defaults(defaults: dict, kwargs: dict) -> dict:

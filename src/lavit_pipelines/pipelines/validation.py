@@ -72,6 +72,16 @@ def check_sampling(do_sample: bool, top_k, top_p, temperature) -> None:
     check_float("temperature", temperature)
 
 
+def check_generator(generator, count: int) -> None:
+    """TypeError unless `generator` is None, a `torch.Generator` or a list of them; ValueError unless a list holds
+    one per image (`count`)."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__}.")
+    if isinstance(generator, list) and len(generator) != count:
+        raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({count}).")
+
+
 def check_image_items(images: list, name: str = "image") -> None:
     """Each entry: an existing file path, a PIL image or uint8 array of at least 1×1 pixels, or a (3, H, W) /
     (N, 3, H, W) float tensor of finite values."""

@@ -8,103 +8,98 @@ STAGES = ("visual-tokenizer", "pixel-decoder", "language-model")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
+def setting(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
+    """A `TrainingConfig` field with its help text (the `lavit train` option's help)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
 @dataclass
 class TrainingConfig:
-    """One training run of one LaVIT stage.
+    """One training run of one LaVIT stage; each setting's `help` (field metadata) says what it does, and
+    `lavit train --help` shows it. With `mixed_precision` "bf16"/"fp16" the frozen weights are loaded in that dtype
+    and the trained ones kept in float32."""
 
-    Shared: `stage` (one of STAGES), `model` (BASE pipeline folder), `data` (image folder with
-    metadata.jsonl, a saved `datasets` folder or a `datasets` name), `output` (OUT folder: checkpoints,
-    logs.jsonl, then the trained pipeline folder). With `lora=True` the UNet (pixel decoder stage) or the
-    language model (language-model stage) gets peft LoRA adapters, saved to OUT in diffusers' LoRA format.
-
-    Visual tokenizer: `target_keep_ratio` (LaVIT: 1/3) and `keep_ratio_weight` of the regulariser,
-    `commitment_weight`, `codebook_decay` (EMA), `kmeans_init` (k-means initialisation of the codebook on
-    the first quantised batch; False keeps the BASE codebook), `dead_code_threshold` (EMA usage below which
-    a code is restarted), `quantize_after_steps` (first phase without quantisation),
-    `reconstruction_layers` (depth of the training-only feature decoder), `gumbel_temperature`.
-
-    `validation_steps`: every so many steps (and before the first), the loss on a fixed batch and a sample
-    (pixel decoder: an image reconstructed with `validation_inference_steps` denoising steps; language model:
-    a caption) go to logs.jsonl and OUT/validation/.
-
-    Pixel decoder: `train_unet` (full UNet fine-tuning; with `lora=True` the UNet gets LoRA instead),
-    `condition_dropout`, `prediction_type` (None: the scheduler's), `snr_gamma` (Min-SNR loss weighting with
-    this γ, as diffusers' scripts; None: plain MSE), `init_decoder_input` (start the pixel decoder's input
-    projection as a standardisation of its codebook, for a decoder trained from scratch: stage 1's
-    l2-normalised codes may all lie close together), `use_ema`/`ema_decay`, `resolution`
-    (None: the UNet's sample size × the VAE factor), `cache_latents` (encode every image with the VAE once,
-    before training, and keep the posteriors in memory: (N, 2·latent channels, h, w) float32; each step then
-    skips the VAE).
-
-    Language model: `understanding_ratio` (share of `[IMG] features [/IMG] text` samples; the others are
-    `text [IMG] codes [/IMG]`), `text_dropout`, `max_length`, `packing`, `train_visual_embeddings` (also
-    train the embedding and output rows of [IMG], [/IMG] and the visual ids under LoRA),
-    `init_understanding_head` (copy the stage-1 predictor/merger into the understanding head first and
-    start its LLM projection as a standardisation of the data's first merged features, for a model whose
-    understanding head was never trained), `train_understanding_head` (train the
-    understanding predictor, merger and LLM projection along; False freezes them, e.g. for LoRA on small
-    GPUs), `lora_target_modules`.
-
-    With `mixed_precision` "bf16"/"fp16" the frozen weights are loaded in that dtype and the trained ones
-    kept in float32.
-    """
-
-    stage: str
-    model: str
-    data: str
-    output: str
-    max_steps: int = 100
-    learning_rate: float = 1e-4
-    batch_size: int = 4
-    seed: int = 0
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    resume_from_checkpoint: str | None = None
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    validation_steps: int | None = None
-    validation_inference_steps: int = 25
-    logging_steps: int = 10
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    image_column: str = "image"
-    text_column: str = "text"
+    stage: str = setting(help=f"the stage to train: one of {', '.join(STAGES)}")
+    model: str = setting(help="BASE pipeline folder: the components to start from")
+    data: str = setting(help="image folder with metadata.jsonl, a saved `datasets` folder or a `datasets` name")
+    output: str = setting(help="OUT folder: checkpoints, logs.jsonl, then the trained pipeline folder")
+    max_steps: int = setting(100, "optimizer steps")
+    learning_rate: float = setting(1e-4, "peak learning rate")
+    batch_size: int = setting(4, "examples per batch and process")
+    seed: int = setting(0, "seed of the initialisation, the data order and every random draw")
+    lora: bool = setting(False, "peft LoRA adapters on the UNet (pixel decoder) or the language model, saved to OUT "
+                                "in diffusers' LoRA format")
+    lora_rank: int = setting(8, "LoRA rank")
+    lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank)")
+    resume_from_checkpoint: str | None = setting(None, "a checkpoint folder to resume from, or 'latest' (the newest in OUT)")
+    mixed_precision: str = setting("no", f"one of {', '.join(MIXED_PRECISIONS)}")
+    gradient_accumulation_steps: int = setting(1, "batches per optimizer step")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    checkpointing_steps: int = setting(500, "save a resumable checkpoint every so many steps")
+    checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints (default: all)")
+    validation_steps: int | None = setting(
+        None, "every so many steps (and before the first), the loss on a fixed batch and a sample (pixel decoder: a "
+              "reconstructed image; language model: a caption) go to logs.jsonl and OUT/validation/"
+    )
+    validation_inference_steps: int = setting(25, "denoising steps of the validation reconstruction")
+    logging_steps: int = setting(10, "log the metrics every so many steps")
+    lr_scheduler: str = setting("constant_with_warmup", "a diffusers learning-rate schedule name")
+    lr_warmup_steps: int = setting(0, "warm-up steps of the schedule")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    image_column: str = setting("image", "the dataset column of the images")
+    text_column: str = setting("text", "the dataset column of the texts")
     # visual tokenizer
-    target_keep_ratio: float = 1 / 3
-    keep_ratio_weight: float = 2.0
-    commitment_weight: float = 0.25
-    codebook_decay: float = 0.99
-    kmeans_init: bool = True
-    kmeans_iters: int = 10
-    dead_code_threshold: float = 1e-3
-    quantize_after_steps: int = 0
-    reconstruction_layers: int = 2
-    gumbel_temperature: float = 1.0
+    target_keep_ratio: float = setting(1 / 3, "visual tokenizer: share of patches kept that the regulariser aims at "
+                                              "(LaVIT: 1/3)")
+    keep_ratio_weight: float = setting(2.0, "visual tokenizer: weight of the keep-ratio regulariser")
+    commitment_weight: float = setting(0.25, "visual tokenizer: weight of the commitment loss")
+    codebook_decay: float = setting(0.99, "visual tokenizer: EMA decay of the codebook")
+    kmeans_init: bool = setting(True, "visual tokenizer: k-means initialisation of the codebook on the first quantised "
+                                      "batch (False keeps the BASE codebook)")
+    kmeans_iters: int = setting(10, "visual tokenizer: k-means iterations")
+    dead_code_threshold: float = setting(1e-3, "visual tokenizer: EMA usage below which a code is restarted")
+    quantize_after_steps: int = setting(0, "visual tokenizer: steps of a first phase without quantisation")
+    reconstruction_layers: int = setting(2, "visual tokenizer: depth of the training-only feature decoder")
+    gumbel_temperature: float = setting(1.0, "visual tokenizer: temperature of the Gumbel keep/drop sampling")
     # pixel decoder
-    train_unet: bool = False
-    condition_dropout: float = 0.1
-    prediction_type: str | None = None
-    snr_gamma: float | None = None
-    init_decoder_input: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    resolution: int | None = None
-    cache_latents: bool = False
+    train_unet: bool = setting(False, "pixel decoder: fine-tune the whole UNet too (with --lora the UNet gets LoRA "
+                                      "instead)")
+    condition_dropout: float = setting(0.1, "pixel decoder: share of examples trained without their condition")
+    prediction_type: str | None = setting(None, "pixel decoder: epsilon or v_prediction (default: the scheduler's)")
+    snr_gamma: float | None = setting(None, "pixel decoder: Min-SNR loss weighting with this gamma, as diffusers' "
+                                            "scripts (default: plain MSE)")
+    init_decoder_input: bool = setting(
+        False, "pixel decoder: start its input projection as a standardisation of its codebook, for a decoder trained "
+               "from scratch (stage 1's l2-normalised codes may all lie close together)"
+    )
+    use_ema: bool = setting(False, "pixel decoder: keep an EMA of the trained weights and save it")
+    ema_decay: float = setting(0.9999, "pixel decoder: EMA decay")
+    resolution: int | None = setting(None, "pixel decoder: training image size (default: the UNet's sample size x "
+                                           "the VAE factor)")
+    cache_latents: bool = setting(
+        False, "pixel decoder: encode every image with the VAE once, before training, and keep the posteriors in "
+               "memory ((N, 2 x latent channels, h, w) float32); each step then skips the VAE"
+    )
     # language model
-    understanding_ratio: float = 0.5
-    text_dropout: float = 0.1
-    max_length: int = 512
-    packing: bool = True
-    train_visual_embeddings: bool = False
-    init_understanding_head: bool = False
-    train_understanding_head: bool = True
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    understanding_ratio: float = setting(0.5, "language model: share of [IMG] features [/IMG] text examples (the "
+                                              "others are text [IMG] codes [/IMG])")
+    text_dropout: float = setting(0.1, "language model: share of generation examples without their text (trains "
+                                       "the bare [IMG] context of the guidance)")
+    max_length: int = setting(512, "language model: positions per packed row")
+    packing: bool = setting(True, "language model: pack several examples into one row")
+    train_visual_embeddings: bool = setting(False, "language model: under LoRA, also train the embedding and output "
+                                                   "rows of [IMG], [/IMG] and the visual ids")
+    init_understanding_head: bool = setting(
+        False, "language model: copy the stage-1 predictor/merger into the understanding head first and start its "
+               "LLM projection as a standardisation of the data's first merged features (for a model whose "
+               "understanding head was never trained)"
+    )
+    train_understanding_head: bool = setting(True, "language model: train the understanding predictor, merger and "
+                                                   "LLM projection along (False freezes them)")
+    lora_target_modules: list[str] = setting(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="language model: the LoRA-adapted modules"
+    )
 
     def __post_init__(self):
         self.check()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..image_processor import LavitImageProcessor
+from ..processing import LavitProcessor
 from .data import PROMPT
 from .loop import Stage, lora_layers, per_example
 
@@ -65,24 +66,24 @@ class LanguageModelTrainingModule(nn.Module):
         super().__init__()
         self.language_model, self.visual_tokenizer = language_model, visual_tokenizer
         self.text_tokenizer, self.config = text_tokenizer, config
+        image_processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
+        self.processor = LavitProcessor(text_tokenizer, image_processor, language_model.config)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         embeddings = self.language_model.get_input_embeddings()
         return embeddings(torch.tensor(ids, device=embeddings.weight.device))
 
     def generation_example(self, text_ids: list[int], codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.language_model.config
-        visual = (codes + c.visual_token_offset).tolist() + [c.image_end_token_id]
-        ids = text_ids + [c.image_start_token_id] + visual
-        labels = [IGNORE] * (len(text_ids) + 1) + visual
-        return self.embed(ids), torch.tensor(labels)
+        """-> embeds and labels of `text [IMG] codes [/IMG]`, labelled on `codes [/IMG]` only."""
+        image_ids = self.processor.image_ids(self.language_model.codes_to_token_ids(codes))
+        labels = [IGNORE] * (len(text_ids) + 1) + image_ids[1:]
+        return self.embed(text_ids + image_ids), torch.tensor(labels)
 
     def understanding_example(self, features: torch.Tensor, prompt_ids: list[int], text_ids: list[int]):
         """-> embeds and labels of `[IMG] features [/IMG] prompt text </s>`, labelled on `text </s>` only."""
-        c = self.language_model.config
-        markers = self.embed([c.image_start_token_id, c.image_end_token_id])
         text = text_ids + [self.text_tokenizer.eos_token_id]
-        embeds = torch.cat([markers[:1], features.to(markers.dtype), markers[1:], self.embed(prompt_ids + text)])
+        image = self.processor.image_embeds(features, self.language_model.get_input_embeddings())
+        embeds = torch.cat([image, self.embed(prompt_ids + text)])
         return embeds, torch.tensor([IGNORE] * (len(features) + 2 + len(prompt_ids)) + text)
 
     def forward(self, batch: dict, generators: list, step: int) -> dict:
@@ -102,14 +103,14 @@ class LanguageModelTrainingModule(nn.Module):
             visual.update(zip(picks[True], features))
         examples = []
         for i, text in enumerate(batch["text"]):
-            text_ids = self.text_tokenizer(text, add_special_tokens=False).input_ids
+            text_ids = self.processor.text_ids(text)
             if understand[i]:
-                prompt_ids = self.text_tokenizer(prompts[i], add_special_tokens=False).input_ids if prompts[i] else []
+                prompt_ids = self.processor.text_ids(prompts[i]) if prompts[i] else []
                 embeds, labels = self.understanding_example(visual[i], prompt_ids, text_ids)
             else:
                 embeds, labels = self.generation_example([] if drop_text[i] else text_ids, visual[i])
             examples.append((embeds[: config.max_length], labels[: config.max_length]))
-        pad = self.embed([self.text_tokenizer.pad_token_id or self.text_tokenizer.eos_token_id])
+        pad = self.embed([self.processor.pad_token_id])
         embeds, positions, labels = batch_rows(examples, pack(examples, config.max_length, config.packing), pad)
         logits = packed_logits(self.language_model, embeds, positions)[:, :-1].float()
         targets = labels[:, 1:]
@@ -135,13 +136,13 @@ class LanguageModelStage(Stage):
 
     def __init__(self, config, components, accelerator):
         super().__init__(config, components, accelerator)
-        lm, vt = components["language_model"], components["visual_tokenizer"]
-        vt.requires_grad_(False)
+        lm, visual_tokenizer = components["language_model"], components["visual_tokenizer"]
+        visual_tokenizer.requires_grad_(False)
         if config.init_understanding_head:
-            vt.understanding_predictor.load_state_dict(vt.token_predictor.state_dict())
-            vt.understanding_merger.load_state_dict(vt.token_merger.state_dict())
+            visual_tokenizer.understanding_predictor.load_state_dict(visual_tokenizer.token_predictor.state_dict())
+            visual_tokenizer.understanding_merger.load_state_dict(visual_tokenizer.token_merger.state_dict())
         for name in UNDERSTANDING_HEAD:
-            getattr(vt, name).requires_grad_(config.train_understanding_head)
+            getattr(visual_tokenizer, name).requires_grad_(config.train_understanding_head)
         trained = ["visual_tokenizer"] if config.train_understanding_head or config.init_understanding_head else []
         if config.lora:
             from peft import LoraConfig, inject_adapter_in_model
@@ -159,10 +160,10 @@ class LanguageModelStage(Stage):
             trained.append("language_model")
         if config.gradient_checkpointing:
             lm.activation_checkpointing_enable({"use_reentrant": False})
-            vt.enable_gradient_checkpointing()
+            visual_tokenizer.enable_gradient_checkpointing()
         self.trained_components = tuple(trained)
-        self.processor = LavitImageProcessor.from_visual_tokenizer_config(vt.config)
-        self.module = LanguageModelTrainingModule(lm, vt, components["tokenizer"], config)
+        self.module = LanguageModelTrainingModule(lm, visual_tokenizer, components["tokenizer"], config)
+        self.processor = self.module.processor.image_processor
 
     def transform(self, image, text: str) -> dict:
         return {"pixel_values": self.processor.preprocess(image)[0], "text": text}
@@ -176,12 +177,14 @@ class LanguageModelStage(Stage):
         images."""
         if not self.config.init_understanding_head:
             return
-        vt, lm = self.components["visual_tokenizer"], self.components["language_model"]
-        projection = vt.llm_projection
+        visual_tokenizer, lm = self.components["visual_tokenizer"], self.components["language_model"]
+        projection = visual_tokenizer.llm_projection
         first = range(min(INITIALIZATION_EXAMPLES, len(data)))
-        pixels = torch.stack([data[i]["pixel_values"] for i in first]).to(projection.weight.device, vt.dtype)
+        pixels = torch.stack([data[i]["pixel_values"] for i in first])
+        pixels = pixels.to(projection.weight.device, visual_tokenizer.dtype)
         generator = torch.Generator().manual_seed(self.config.seed)
-        merged = vt.merge_kept(pixels, vt.understanding_predictor, vt.understanding_merger, generator)[0].float()
+        head = (visual_tokenizer.understanding_predictor, visual_tokenizer.understanding_merger)
+        merged = visual_tokenizer.merge_kept(pixels, *head, generator)[0].float()
         mean, spread = merged.mean(dim=0), merged.std(dim=0).clamp(min=1e-6)
         weight = projection.weight.float() / spread  # (out, in): each input channel divided by its spread
         scale = lm.get_input_embeddings().weight.float().std() / ((merged - mean) @ weight.T).std()

@@ -40,7 +40,7 @@ def standardize_decoder_input(decoder) -> None:
 
 
 class PixelDecoderTrainingModule(nn.Module):
-    """Frozen tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
+    """Frozen visual tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
 
     def __init__(self, components: dict, scheduler: DDPMScheduler, condition_dropout: float, snr_gamma: float | None = None):
         super().__init__()
@@ -117,8 +117,8 @@ class PixelDecoderStage(Stage):
 
     def __init__(self, config, components, accelerator):
         super().__init__(config, components, accelerator)
-        tokenizer, decoder, unet, vae = (components[k] for k in ("visual_tokenizer", "pixel_decoder", "unet", "vae"))
-        tokenizer.requires_grad_(False)
+        visual_tokenizer, decoder, unet, vae = (components[k] for k in ("visual_tokenizer", "pixel_decoder", "unet", "vae"))
+        visual_tokenizer.requires_grad_(False)
         vae.requires_grad_(False)
         unet.requires_grad_(config.train_unet and not config.lora)
         if config.init_decoder_input:
@@ -138,7 +138,7 @@ class PixelDecoderStage(Stage):
         resolution = config.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = resolution
         self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-        self.processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
+        self.processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
         self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(accelerator.device)
         self.ema = None
         if config.use_ema:

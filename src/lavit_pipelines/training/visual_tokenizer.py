@@ -57,15 +57,15 @@ class FeatureReconstructionDecoder(nn.Module):
 
 
 class VisualTokenizerTrainingModule(nn.Module):
-    """The tokenizer (EVA and understanding head frozen), the reconstruction decoder and the codebook state."""
+    """The visual tokenizer (EVA and understanding head frozen), the reconstruction decoder and the codebook state."""
 
-    def __init__(self, tokenizer, config, accelerator):
+    def __init__(self, visual_tokenizer, config, accelerator):
         super().__init__()
-        self.tokenizer, self.config, self.accelerator = tokenizer, config, accelerator
-        tokenizer.requires_grad_(False)
+        self.visual_tokenizer, self.config, self.accelerator = visual_tokenizer, config, accelerator
+        visual_tokenizer.requires_grad_(False)
         for name in STAGE1_MODULES:
-            getattr(tokenizer, name).requires_grad_(True)
-        c = tokenizer.config
+            getattr(visual_tokenizer, name).requires_grad_(True)
+        c = visual_tokenizer.config
         self.decoder = FeatureReconstructionDecoder(
             (c.image_size // c.patch_size) ** 2, c.codebook_dim, c.hidden_size, c.hidden_size,
             config.reconstruction_layers, c.hidden_size // c.attention_head_dim, c.merger_mlp_dim,
@@ -80,14 +80,14 @@ class VisualTokenizerTrainingModule(nn.Module):
 
     def quantize(self, z: torch.Tensor, kept: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """z (B, N, D) -> straight-through codebook vectors (B, N, D) and the commitment loss and usage metrics."""
-        codebook = self.tokenizer.codebook.weight
+        codebook = self.visual_tokenizer.codebook.weight
         seed = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         if self.training and not bool(self.codebook_ema.initialized):
             vectors = self.gather_rows(z[kept].detach())
             if self.config.kmeans_init and len(vectors):
                 self.codebook_ema.initialize(codebook.data, vectors, self.config.kmeans_iters, seed)
             self.codebook_ema.initialized.fill_(True)
-        codes = self.tokenizer.codebook(z.flatten(0, 1)).view(kept.shape)
+        codes = self.visual_tokenizer.codebook(z.flatten(0, 1)).view(kept.shape)
         q = codebook[codes].float()
         commitment = ((z - q).pow(2).sum(dim=-1) * kept).sum() / kept.sum().clamp(min=1)
         metrics = {"commitment_loss": commitment}
@@ -99,12 +99,12 @@ class VisualTokenizerTrainingModule(nn.Module):
         return z + (q - z).detach(), metrics
 
     def forward(self, batch: dict, generators: list, step: int) -> dict:
-        tokenizer, config = self.tokenizer, self.config
+        visual_tokenizer, config = self.visual_tokenizer, self.config
         with torch.no_grad():
-            features = tokenizer.patch_features(batch["pixel_values"])
-        logprobs = tokenizer.token_predictor(features)
+            features = visual_tokenizer.patch_features(batch["pixel_values"])
+        logprobs = visual_tokenizer.token_predictor(features)
         keep = straight_through_keep(logprobs, generators, config.gumbel_temperature)
-        z = F.normalize(tokenizer.quantizer_proj(tokenizer.token_merger(features, keep)).float(), dim=-1)
+        z = F.normalize(visual_tokenizer.quantizer_proj(visual_tokenizer.token_merger(features, keep)).float(), dim=-1)
         kept = keep.detach() > 0.5
         metrics = {}
         if step >= config.quantize_after_steps:
@@ -125,17 +125,17 @@ class VisualTokenizerStage(Stage):
 
     def __init__(self, config, components, accelerator):
         super().__init__(config, components, accelerator)
-        tokenizer = components["visual_tokenizer"]
+        visual_tokenizer = components["visual_tokenizer"]
         if config.gradient_checkpointing:
-            tokenizer.enable_gradient_checkpointing()
-        self.processor = LavitImageProcessor.from_visual_tokenizer_config(tokenizer.config)
-        self.module = VisualTokenizerTrainingModule(tokenizer, config, accelerator)
+            visual_tokenizer.enable_gradient_checkpointing()
+        self.processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
+        self.module = VisualTokenizerTrainingModule(visual_tokenizer, config, accelerator)
 
     def transform(self, image, text: str) -> dict:
         return {"pixel_values": self.processor.preprocess(image)[0]}
 
     def finish(self, output) -> dict:
         """The pixel decoder owns a copy of the codebook: it gets the new one."""
-        tokenizer, decoder = self.components["visual_tokenizer"], self.components["pixel_decoder"]
-        decoder.codebook.weight.data.copy_(tokenizer.codebook.weight.data)
+        visual_tokenizer, decoder = self.components["visual_tokenizer"], self.components["pixel_decoder"]
+        decoder.codebook.weight.data.copy_(visual_tokenizer.codebook.weight.data)
         return super().finish(output)
