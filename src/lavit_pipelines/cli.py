@@ -93,30 +93,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_train_parser(commands) -> None:
-    """`lavit train STAGE --model BASE --data DATA --output OUT`, one option per `TrainingConfig` field, with the
-    field's help text."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass `cls` (required where it has no default), with the field's help text."""
     import dataclasses
     import typing
 
-    from .training.config import STAGES, TrainingConfig
-
-    train = commands.add_parser("train", formatter_class=HelpFormatter, help="train or fine-tune one LaVIT stage (see docs/training.md)")
-    stage, *fields = dataclasses.fields(TrainingConfig)
-    train.add_argument("stage", choices=STAGES, help=stage.metadata["help"])
-    for field in fields:
-        flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag, help = "--" + field.name.replace("_", "-"), field.metadata.get("help", " ")
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            train.add_argument(flag, required=True, help=help)
+            parser.add_argument(flag, required=True, help=help)
             continue
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if isinstance(default, bool):
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         elif isinstance(default, list):
-            train.add_argument(flag, nargs="+", default=default, help=help)
+            parser.add_argument(flag, nargs="+", default=default, help=help)
         else:
             kind = type(default) if default is not None else next(t for t in typing.get_args(field.type) if t is not type(None))
-            train.add_argument(flag, type=kind, default=default, help=help)
+            parser.add_argument(flag, type=kind, default=default, help=help)
+
+
+def add_train_parser(commands) -> None:
+    """`lavit train STAGE --model BASE --data DATA --output OUT`, one option per `TrainingConfig` field; and
+    `lavit train subject --model BASE --images DIR --token WORD --class-word WORD --output OUT` (`SubjectConfig`)."""
+    from .training.config import STAGES, TrainingConfig
+    from .training.subject import SubjectConfig
+
+    train = commands.add_parser("train", formatter_class=HelpFormatter, help="train or fine-tune one LaVIT stage (see docs/training.md)")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="{" + ",".join((*STAGES, "subject")) + "}")
+    for stage in STAGES:
+        add_dataclass_options(stages.add_parser(stage, formatter_class=HelpFormatter, help=f"train the {stage} stage"),
+                              TrainingConfig, skip=("stage",))
+    subject = stages.add_parser("subject", formatter_class=HelpFormatter,
+                                help="teach the model a new word from a few images (see docs/subject.md)")
+    add_dataclass_options(subject, SubjectConfig)
 
 
 def add_evaluate_parser(commands) -> None:
@@ -498,9 +510,15 @@ def run_convert(args) -> None:
 
 
 def run_train(args) -> None:
+    settings = {key: value for key, value in vars(args).items() if key != "command"}
+    if args.stage == "subject":
+        from .training.subject import SubjectConfig, train_subject
+
+        del settings["stage"]
+        print(train_subject(SubjectConfig(**settings)))
+        return
     from .training import TrainingConfig, train
 
-    settings = {key: value for key, value in vars(args).items() if key != "command"}
     print(train(TrainingConfig(**settings)))
 
 

@@ -34,7 +34,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.utils import cached_file
 
-__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer"]
+__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer", "add_placeholder_tokens"]
 
 _SPIECE_UNDERLINE = "▁"
 SPECIALS = ("<unk>", "<s>", "</s>")
@@ -221,3 +221,40 @@ def build_llama_style_tokenizer(corpus: str, num_merges: int) -> PreTrainedToken
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+
+
+def add_placeholder_tokens(tokenizer: PreTrainedTokenizerFast, language_model, tokens: list[str]):
+    """Add new words after the whole vocabulary of `language_model` ([text][IMG][/IMG][visual codes][new]).
+
+    The tokenizer would number an added token right after its own pieces, which in LaVIT are followed by
+    `[IMG]`, `[/IMG]` and the visual ids; so each word first enters the tokenizer model's vocabulary with the
+    id after the language model's last one, then becomes an added token (matched as a whole, as diffusers'
+    textual inversion adds its tokens). The language model's embeddings grow by `len(tokens)` rows (transformers'
+    mean-initialised resize). Returns (a new tokenizer, the new ids); `tokenizer` is left unchanged.
+    ValueError when a token is already a word of the tokenizer or its model has no vocabulary dict.
+    """
+    import tempfile
+
+    known = tokenizer.get_vocab()
+    for token in tokens:
+        if not token or token != token.strip() or token in known:
+            raise ValueError(f"placeholder token {token!r} must be a new word without spaces around it.")
+    first = language_model.config.vocab_size
+    ids = list(range(first, first + len(tokens)))
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        path = os.path.join(folder, "tokenizer.json")
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+        vocab = content["model"].get("vocab")
+        if not isinstance(vocab, dict):
+            raise ValueError(f"placeholder tokens need a tokenizer model with a vocabulary dict, not {content['model']['type']}.")
+        vocab.update(zip(tokens, ids))
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(content, file, ensure_ascii=False)
+        extended = type(tokenizer).from_pretrained(folder)
+    extended.add_tokens(tokens)
+    if [extended.convert_tokens_to_ids(token) for token in tokens] != ids:
+        raise ValueError(f"the tokenizer did not number {tokens} as {ids}.")
+    language_model.resize_token_embeddings(first + len(tokens))
+    return extended, ids

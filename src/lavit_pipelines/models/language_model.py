@@ -101,6 +101,14 @@ class LavitForCausalLM(LlamaForCausalLM):
         )
         return range(start, stop)
 
+    @property
+    def added_token_id_range(self) -> range:
+        """Ids added after every LaVIT id (new words, e.g. a subject's placeholder token; empty for the release).
+
+        Text-to-image sampling suppresses them after `[IMG]`, with the text ids.
+        """
+        return range(self.lavit_token_id_range.stop, self.config.vocab_size)
+
     def is_visual_token(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the entries of ``token_ids`` that are visual-code ids."""
         offset = self.config.visual_token_offset
@@ -117,7 +125,8 @@ class LavitForCausalLM(LlamaForCausalLM):
     @torch.no_grad()
     def sample_visual_tokens(self, prompts: list[torch.Tensor], *, pad_token_id: int, **sampling) -> torch.Tensor:
         """Sample the visual tokens of one image after each prompt (1-D ids ending with ``[IMG]``), as LaVIT does:
-        guidance against the bare ``[IMG]`` context, text ids 3 ... 31999 suppressed, until ``[/IMG]``.
+        guidance against the bare ``[IMG]`` context, text ids 3 ... 31999 suppressed (and any word added after the
+        visual ids, `added_token_id_range`), until ``[/IMG]``.
 
         `sampling`: the settings of `visual_sampling.sample_visual_tokens` (`guidance_scale`, `min_new_tokens`,
         `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `generator`, and optionally
@@ -127,6 +136,7 @@ class LavitForCausalLM(LlamaForCausalLM):
         """
         config = self.config
         return visual_sampling.sample_visual_tokens(
-            self, prompts, unconditional_prompt=[config.image_start_token_id], suppress_ids=range(3, config.text_vocab_size),
+            self, prompts, unconditional_prompt=[config.image_start_token_id],
+            suppress_ids=[*range(3, config.text_vocab_size), *self.added_token_id_range],
             eos_token_id=config.image_end_token_id, pad_token_id=pad_token_id, **sampling,
         )

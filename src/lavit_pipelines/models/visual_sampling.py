@@ -283,6 +283,10 @@ def sample_visual_tokens(
     vocab_size = model.config.vocab_size
     early_mask, late_mask = suppression_masks(vocab_size, suppress_ids, eos_token_id, device)
     id_runs = sampled_id_runs(late_mask) if can_slice_head(model) else None
+    # Scores are cut after the last id that can be sampled: words added after the visual ids never change the
+    # draws (a multinomial's random stream depends on the number of categories).
+    sampled = int((~late_mask).nonzero().max()) + 1
+    early_mask, late_mask = early_mask[:sampled], late_mask[:sampled]
     warpers = logits_warpers(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     interval = stop_check_interval or (1 if device.type == "cpu" else 8)
     if do_sample and not _can_rewind(generator, device):
@@ -295,7 +299,7 @@ def sample_visual_tokens(
     produced, reported = max_new_tokens, 0
     for step in range(max_new_tokens):
         forward = _last_logits if step == 0 else step_fn  # the prefill is never compiled
-        scores = guided_scores(forward(model, ids, mask, positions, cache, id_runs).float(), guidance_scale)
+        scores = guided_scores(forward(model, ids, mask, positions, cache, id_runs)[:, :sampled].float(), guidance_scale)
         scores = scores.masked_fill(early_mask if step < min_new_tokens else late_mask, -float("inf"))
         scores = warpers(generated[:, :step], scores)
         next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)

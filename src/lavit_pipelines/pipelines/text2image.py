@@ -25,6 +25,7 @@ from ..processing import LavitProcessor, images_per_prompt
 from .base import LavitPipelineMixin, read_model_index
 from .lora import LavitLoraLoaderMixin
 from .outputs import LavitText2ImagePipelineOutput
+from .textual_inversion import LavitTextualInversionLoaderMixin
 from .validation import (
     check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
 )
@@ -82,7 +83,7 @@ def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_ima
 LAVIT_GUIDANCE_SCALE = 7.0  # the original's decoder guidance: the default of folders that set none
 
 
-class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, DiffusionPipeline, StableDiffusionMixin):
+class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image (and image+text-to-image) generation with LaVIT.
 
     The language model samples visual tokens after `[IMG]` with classifier-free guidance against the bare

@@ -16,6 +16,7 @@ from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor
 from .base import LavitPipelineMixin
 from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
+from .textual_inversion import LavitTextualInversionLoaderMixin
 from .text2image import ImageInput
 from .outputs import LavitUnderstandingPipelineOutput
 from .validation import (
@@ -131,7 +132,7 @@ def _seeded_sampling(generator: torch.Generator | list[torch.Generator] | None, 
         yield
 
 
-class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, DiffusionPipeline):
+class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline):
     r"""Image captioning and visual question answering with LaVIT.
 
     Each image is tokenised with the stage-2 weights of the visual tokenizer into continuous LLM-space

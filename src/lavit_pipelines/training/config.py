@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 STAGES = ("visual-tokenizer", "pixel-decoder", "language-model")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+METADATA = "metadata.jsonl"  # an image folder's captions (the `datasets` imagefolder convention)
 
 
 def setting(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -100,6 +101,16 @@ class TrainingConfig:
     lora_target_modules: list[str] = setting(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="language model: the LoRA-adapted modules"
     )
+    placeholder_token: str | None = setting(
+        None, "subject fine-tuning (docs/subject.md): a new word, added after the whole vocabulary; its input "
+              "embedding trains and is saved to OUT/learned_embeds.safetensors for `load_textual_inversion`"
+    )
+    initializer_token: str | None = setting(None, "the word(s) whose mean input embedding starts `placeholder_token`'s")
+    textual_inversion: bool = setting(False, "train the new word's embedding alone (the rest of the language model "
+                                             "frozen: prompts without the word are unchanged)")
+    class_data: str | None = setting(None, "prior preservation: class examples (any `data` form), mixed into the "
+                                           "data and marked, as DreamBooth's")
+    prior_loss_weight: float = setting(1.0, "the weight of the class examples' tokens in the loss")
 
     def __post_init__(self):
         self.check()
@@ -130,6 +141,21 @@ class TrainingConfig:
             raise ValueError(f"`snr_gamma` must be positive or None, got {self.snr_gamma!r}.")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
+        language_model_only = ("placeholder_token", "initializer_token", "class_data")
+        for name in language_model_only:
+            if getattr(self, name) is not None and self.stage != "language-model":
+                raise ValueError(f"`{name}` is an option of the language-model stage, not of {self.stage!r}.")
+        if (self.placeholder_token is None) != (self.initializer_token is None):
+            raise ValueError("`placeholder_token` and `initializer_token` go together (the new word and the word(s) "
+                             "its embedding starts from).")
+        if self.placeholder_token is not None and (not self.placeholder_token.strip() or " " in self.placeholder_token):
+            raise ValueError(f"`placeholder_token` must be one word, got {self.placeholder_token!r}.")
+        if self.textual_inversion and self.placeholder_token is None:
+            raise ValueError("`textual_inversion` trains the embedding of `placeholder_token`: pass one.")
+        if self.textual_inversion and self.lora:
+            raise ValueError("`textual_inversion` trains the new word's embedding alone; `lora` trains adapters: choose one.")
+        if not self.prior_loss_weight >= 0:
+            raise ValueError(f"`prior_loss_weight` must be >= 0, got {self.prior_loss_weight!r}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"`prediction_type` must be None, 'epsilon' or 'v_prediction', got {self.prediction_type!r}.")
 

@@ -8,8 +8,10 @@ from typing import Callable
 import PIL.Image
 import torch
 
-METADATA = "metadata.jsonl"
+from .config import METADATA
+
 PROMPT = "prompt"  # optional column: a text the language model reads, not learns, before `text`
+PRIOR = "prior"  # column added with class examples: True for them (prior preservation), False for the data's own
 
 
 def check_image_folder(folder: Path, text_column: str = "text") -> int:
@@ -71,9 +73,21 @@ def load_image_text_dataset(data: str, image_column: str = "image", text_column:
     return dataset
 
 
+def add_class_examples(dataset, class_data: str, image_column: str = "image", text_column: str = "text"):
+    """The examples of `dataset` followed by those of `class_data` (any `data` form), with a boolean `PRIOR`
+    column that marks the class examples. Columns other than the image, the text and `PROMPT` are dropped."""
+    import datasets
+
+    classes = load_image_text_dataset(class_data, image_column, text_column)
+    kept = [c for c in (image_column, text_column, PROMPT) if c in dataset.column_names and c in classes.column_names]
+    parts = [part.select_columns(kept).add_column(PRIOR, [flag] * len(part)) for part, flag in ((dataset, False), (classes, True))]
+    parts[1] = parts[1].cast(parts[0].features)
+    return datasets.concatenate_datasets(parts)
+
+
 class IndexedDataset(torch.utils.data.Dataset):
-    """Examples `{"index": i, **transform(image, text)}`, plus `"prompt"` when the dataset has that column; the
-    index seeds the example's randomness."""
+    """Examples `{"index": i, **transform(image, text)}`, plus `"prompt"` and `"prior"` when the dataset has those
+    columns; the index seeds the example's randomness."""
 
     def __init__(self, dataset, transform: Callable, image_column: str = "image", text_column: str = "text"):
         self.dataset, self.transform = dataset, transform
@@ -89,6 +103,8 @@ class IndexedDataset(torch.utils.data.Dataset):
         item = {"index": torch.tensor(index), **self.transform(image, example[self.text_column])}
         if PROMPT in example:
             item[PROMPT] = example[PROMPT] or ""
+        if PRIOR in example:
+            item[PRIOR] = torch.tensor(example[PRIOR])
         return item
 
 

@@ -8,7 +8,13 @@ the stage-2 features of the visual tokenizer's understanding head, which trains 
 `</s>`, not on the prompt). Examples are packed into rows of at most `max_length`
 positions; positions restart at 0 for every example, so each attends only to itself. Full fine-tuning, or
 peft LoRA on `lora_target_modules`, optionally with the embedding and output rows of the LaVIT ids trained.
+
+Subject fine-tuning (DreamBooth and textual inversion, adapted): a `placeholder_token` added after the whole
+vocabulary, its input embedding started from `initializer_token` and trained (alone with `textual_inversion`);
+class examples (`class_data`, marked by the `prior` column) weigh `prior_loss_weight` per token in the loss.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,8 @@ from torch import nn
 
 from ..image_processor import LavitImageProcessor
 from ..processing import LavitProcessor
-from .data import PROMPT
+from ..tokenization import add_placeholder_tokens
+from .data import PRIOR, PROMPT
 from .loop import Stage, lora_layers, per_example
 
 IGNORE = -100
@@ -111,24 +118,42 @@ class LanguageModelTrainingModule(nn.Module):
                 embeds, labels = self.generation_example([] if drop_text[i] else text_ids, visual[i])
             examples.append((embeds[: config.max_length], labels[: config.max_length]))
         pad = self.embed([self.processor.pad_token_id])
-        embeds, positions, labels = batch_rows(examples, pack(examples, config.max_length, config.packing), pad)
+        rows = pack(examples, config.max_length, config.packing)
+        embeds, positions, labels = batch_rows(examples, rows, pad)
         logits = packed_logits(self.language_model, embeds, positions)[:, :-1].float()
         targets = labels[:, 1:]
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
         counted = targets.flatten() != IGNORE
         is_visual = self.language_model.is_visual_token(targets.flatten()) | (targets.flatten() == self.language_model.config.image_end_token_id)
-        metrics = {"loss": losses.sum() / counted.sum().clamp(min=1), "understanding_examples": understand.float().mean()}
-        for name, mask in (("visual_loss", is_visual), ("text_loss", counted & ~is_visual)):
+        prior = batch.get(PRIOR, torch.zeros(len(pixels), dtype=torch.bool))
+        is_prior = batch_rows([(e, prior[i].long().expand(len(e))) for i, (e, _) in enumerate(examples)], rows, pad)[2][:, 1:].flatten() == 1
+        weights = torch.where(is_prior, config.prior_loss_weight, 1.0)
+        metrics = {"loss": (weights * losses).sum() / counted.sum().clamp(min=1), "understanding_examples": understand.float().mean()}
+        parts = (("visual_loss", is_visual), ("text_loss", counted & ~is_visual), ("prior_loss", counted & is_prior))
+        for name, mask in parts:
             metrics[name] = losses[mask].sum() / mask.sum().clamp(min=1)
         return metrics
 
 
-def keep_rows_trainable(weight: nn.Parameter, rows: range) -> None:
+def keep_rows_trainable(weight: nn.Parameter, rows: list[int]) -> None:
     """Train only `rows` of `weight`: the gradient of every other row is zeroed."""
     mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-    mask[rows.start : rows.stop] = 1
+    mask[rows] = 1
     weight.requires_grad_(True)
     weight.register_hook(lambda grad: grad * mask)
+
+
+def add_subject_word(tokenizer, language_model, token: str, initializer: str):
+    """Add `token` after the whole vocabulary, its input embedding the mean of those of `initializer`'s pieces
+    (its output row mean-initialised). Returns (the extended tokenizer, the token's id)."""
+    pieces = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not pieces:
+        raise ValueError(f"`initializer_token` {initializer!r} gives no token.")
+    tokenizer, (token_id,) = add_placeholder_tokens(tokenizer, language_model, [token])
+    weight = language_model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = weight[pieces].mean(dim=0)
+    return tokenizer, token_id
 
 
 class LanguageModelStage(Stage):
@@ -144,7 +169,20 @@ class LanguageModelStage(Stage):
         for name in UNDERSTANDING_HEAD:
             getattr(visual_tokenizer, name).requires_grad_(config.train_understanding_head)
         trained = ["visual_tokenizer"] if config.train_understanding_head or config.init_understanding_head else []
-        if config.lora:
+        input_rows, output_rows = [], []  # embedding rows trained under LoRA or textual inversion
+        if config.placeholder_token is not None:
+            tokenizer, self.placeholder_id = add_subject_word(
+                components["tokenizer"], lm, config.placeholder_token, config.initializer_token
+            )
+            components["tokenizer"] = tokenizer
+            input_rows.append(self.placeholder_id)
+            trained += ["tokenizer", "language_model"]
+        if config.train_visual_embeddings:
+            input_rows += list(lm.lavit_token_id_range)
+            output_rows += list(lm.lavit_token_id_range)
+        if config.textual_inversion:
+            lm.requires_grad_(False)
+        elif config.lora:
             from peft import LoraConfig, inject_adapter_in_model
 
             lm.requires_grad_(False)
@@ -152,12 +190,15 @@ class LanguageModelStage(Stage):
                               init_lora_weights="gaussian", target_modules=config.lora_target_modules)
             inject_adapter_in_model(lora, lm)
             if config.train_visual_embeddings:
-                for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
-                    keep_rows_trainable(weight, lm.lavit_token_id_range)
                 trained.append("language_model")
         else:
             lm.requires_grad_(True)
             trained.append("language_model")
+            input_rows = output_rows = []  # every row trains
+        for weight, rows in ((lm.get_input_embeddings().weight, input_rows), (lm.get_output_embeddings().weight, output_rows)):
+            if rows:
+                keep_rows_trainable(weight, rows)
+        trained = list(dict.fromkeys(trained))
         if config.gradient_checkpointing:
             lm.activation_checkpointing_enable({"use_reentrant": False})
             visual_tokenizer.enable_gradient_checkpointing()
@@ -203,8 +244,17 @@ class LanguageModelStage(Stage):
 
     def finish(self, output) -> dict:
         """With LoRA: the adapter goes to pytorch_lora_weights.safetensors, then leaves the model, whose
-        (possibly trained) LaVIT embedding rows are saved with it."""
-        if self.config.lora:
+        (possibly trained) LaVIT embedding rows are saved with it. With a placeholder token: its input embedding
+        goes to learned_embeds.safetensors (diffusers' textual-inversion file), and the tokenizer and the
+        language model that know it to OUT's pipeline folder."""
+        if self.config.placeholder_token is not None:
+            from safetensors.torch import save_file
+
+            from ..pipelines.textual_inversion import LEARNED_EMBEDS
+
+            row = self.components["language_model"].get_input_embeddings().weight[self.placeholder_id]
+            save_file({self.config.placeholder_token: row.detach().float().cpu().clone()}, Path(output) / LEARNED_EMBEDS)
+        if self.config.lora and not self.config.textual_inversion:
             from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
             from ..pipelines.understanding import LavitUnderstandingPipeline

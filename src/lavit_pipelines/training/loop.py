@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..pipelines.base import component_entries
 from .config import TrainingConfig
-from .data import IndexedDataset, collate, load_image_text_dataset
+from .data import IndexedDataset, add_class_examples, collate, load_image_text_dataset
 
 logger = get_logger(__name__)
 LOGS = "logs.jsonl"
@@ -214,6 +214,8 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     model, output = Path(config.model), Path(config.output)
     check_output(output, model, config.resume_from_checkpoint)
     dataset = load_image_text_dataset(config.data, config.image_column, config.text_column)
+    if config.class_data is not None:
+        dataset = add_class_examples(dataset, config.class_data, config.image_column, config.text_column)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,

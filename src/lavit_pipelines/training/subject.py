@@ -1,0 +1,204 @@
+"""Teach a LaVIT a new subject from a handful of images: `lavit train subject` (docs/subject.md).
+
+DreamBooth and textual inversion, as options of the language-model stage (no loop of its own): the images are
+captioned with a new word (`token`, added after LaVIT's whole vocabulary and started from `class_word`),
+class examples (captions with `class_word` instead of the token, drawn by the base model, or given) keep what
+the model knew about the class (prior preservation), and the language model learns to write the subject's
+visual tokens (`understanding_ratio` 0: only the generation direction trains; the understanding head stays).
+
+    from lavit_pipelines.training.subject import SubjectConfig, train_subject
+    model = train_subject(SubjectConfig(model="base", images="my-subject", token="sks", class_word="triangle",
+                                        output="out"))   # -> out/model, a pipeline folder that knows "sks"
+"""
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import METADATA, MIXED_PRECISIONS, TrainingConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+INSTANCE_DATA, CLASS_DATA, MODEL = "instance-data", "class-data", "model"
+
+
+@dataclass
+class SubjectConfig:
+    """One subject fine-tune.
+
+    `images`: a folder of the subject's images, either with a `metadata.jsonl` whose every text holds `token`
+    (e.g. "a sks on the left"), or plain images, each then captioned `caption` ("{token}" filled in).
+    `class_word`: what the subject is (its embedding starts the new word's, unless `initializer_word`; and the
+    class prompts are the captions with `class_word` in place of the token). `class_images`: a folder of class
+    examples (`metadata.jsonl` layout) instead of drawing `num_class_images` (default: as many as the subject's
+    images) with the base model; `prior_preservation=False` trains without them. `lora=False` (default) trains
+    the word's embedding alone (textual inversion: prompts without the word are unchanged, and class examples,
+    whose loss does not depend on that embedding, are neither drawn nor trained); `lora=True` adds LoRA
+    adapters of `lora_rank` to the language model, and then the class examples keep the class. The defaults of `max_steps` and `learning_rate` are
+    those measured on the demo model (benchmarks/subject_quality.py, docs/subject.md). `output` receives `instance-data/` (when captions were
+    written), `class-data/` and `model/`, the trained pipeline folder. `mixed_precision` and
+    `gradient_checkpointing` as in `TrainingConfig` (for LaVIT-7B: "bf16" and True).
+    """
+
+    model: str
+    images: str
+    token: str
+    class_word: str
+    output: str
+    initializer_word: str | None = None
+    caption: str = "a {token}"
+    class_images: str | None = None
+    num_class_images: int | None = None
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    lora: bool = False
+    lora_rank: int = 8
+    max_steps: int = 300
+    learning_rate: float = 2e-2
+    batch_size: int = 8
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """ValueError / FileNotFoundError naming the first bad setting; reads no model."""
+        if not (Path(self.model) / "model_index.json").is_file():
+            raise FileNotFoundError(f"`model`: {self.model!r} is not a pipeline folder (no model_index.json).")
+        if not re.fullmatch(r"\S+", self.token):
+            raise ValueError(f"`token` must be one word without spaces, got {self.token!r}.")
+        if not self.class_word.strip():
+            raise ValueError("`class_word` must name what the subject is (e.g. 'triangle'), got an empty text.")
+        if "{token}" not in self.caption:
+            raise ValueError(f"`caption` must contain '{{token}}', got {self.caption!r}.")
+        for name in ("lora_rank", "max_steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.num_class_images is not None and self.num_class_images < 1:
+            raise ValueError(f"`num_class_images` must be a positive integer, got {self.num_class_images!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
+        if not self.prior_loss_weight >= 0:
+            raise ValueError(f"`prior_loss_weight` must be >= 0, got {self.prior_loss_weight!r}.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
+        if self.class_images is not None:
+            from .data import check_image_folder
+
+            check_image_folder(Path(self.class_images))
+        subject_captions(Path(self.images), self.token, self.caption)
+        output = Path(self.output)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise ValueError(f"`output`: {output} already exists and is not an empty folder; choose a new one.")
+
+
+def subject_captions(images: Path, token: str, caption: str) -> list[tuple[str, str]]:
+    """(file name, caption) of every subject image; ValueError when there is none or a caption lacks `token`."""
+    if not images.is_dir():
+        raise FileNotFoundError(f"`images`: {str(images)!r} is not a folder.")
+    if (images / METADATA).is_file():
+        from .data import check_image_folder
+
+        check_image_folder(images)
+        records = [json.loads(line) for line in (images / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
+        pairs = [(record["file_name"], record["text"]) for record in records]
+        for number, (name, text) in enumerate(pairs, start=1):
+            if token not in text.split():
+                raise ValueError(f"`images`: {images / METADATA}:{number}: the caption {text!r} does not contain the word {token!r}.")
+        return pairs
+    names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not names:
+        raise ValueError(f"`images`: {str(images)!r} holds no image ({', '.join(IMAGE_SUFFIXES)}).")
+    return [(name, caption.format(token=token)) for name in names]
+
+
+def write_metadata(folder: Path, pairs: list[tuple[str, str]]) -> None:
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in pairs]
+    (folder / METADATA).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def class_prompts(captions: list[str], token: str, class_word: str, count: int) -> list[str]:
+    """The subject's captions with `class_word` in place of `token`, cycled to `count` prompts."""
+    replaced = [" ".join(class_word if word == token else word for word in text.split()) for text in captions]
+    return [replaced[i % len(replaced)] for i in range(count)]
+
+
+def draw_class_examples(model: str, prompts: list[str], folder: Path, seed: int) -> None:
+    """The base model's pictures of `prompts` (image i seeded `seed + i`) into `folder` with metadata.jsonl."""
+    import torch
+
+    from ..pipelines.text2image import LavitText2ImagePipeline
+
+    pipe = LavitText2ImagePipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    folder.mkdir(parents=True)
+    pairs = []
+    for start in range(0, len(prompts), 8):
+        batch = prompts[start : start + 8]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        for i, (prompt, image) in enumerate(zip(batch, pipe(batch, generator=generators).images)):
+            name = f"{start + i:05d}.png"
+            image.save(folder / name)
+            pairs.append((name, prompt))
+    write_metadata(folder, pairs)
+
+
+def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
+    """Write OUT/instance-data (for plain images) and OUT/class-data (class examples drawn by the base model);
+    returns the data folder and the class-data folder (None without prior preservation or without LoRA)."""
+    output, images = Path(config.output), Path(config.images)
+    pairs = subject_captions(images, config.token, config.caption)
+    output.mkdir(parents=True, exist_ok=True)
+    data = images
+    if not (images / METADATA).is_file():
+        data = output / INSTANCE_DATA
+        data.mkdir()
+        for name, _ in pairs:
+            shutil.copy2(images / name, data / name)
+        write_metadata(data, pairs)
+    if not (config.prior_preservation and config.lora):  # textual inversion: class examples change nothing
+        return data, None
+    if config.class_images is not None:
+        return data, Path(config.class_images)
+    prompts = class_prompts([text for _, text in pairs], config.token, config.class_word,
+                            config.num_class_images or len(pairs))
+    draw_class_examples(config.model, prompts, output / CLASS_DATA, config.seed)
+    return data, output / CLASS_DATA
+
+
+def stage_config(config: SubjectConfig, data: Path, class_data: Path | None) -> TrainingConfig:
+    """The language-model stage's settings for this subject."""
+    return TrainingConfig(
+        stage="language-model", model=config.model, data=str(data), output=str(Path(config.output) / MODEL),
+        max_steps=config.max_steps, learning_rate=config.learning_rate, batch_size=config.batch_size,
+        seed=config.seed, lora=config.lora, lora_rank=config.lora_rank, textual_inversion=not config.lora,
+        placeholder_token=config.token, initializer_token=config.initializer_word or config.class_word,
+        class_data=None if class_data is None else str(class_data), prior_loss_weight=config.prior_loss_weight,
+        understanding_ratio=0.0, train_understanding_head=False, checkpointing_steps=config.max_steps,
+        checkpoints_total_limit=1, mixed_precision=config.mixed_precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def check_new_word(config: SubjectConfig) -> None:
+    """The token must be new to the base model's tokenizer (read alone, no model)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.model, "tokenizer"))
+    if config.token in tokenizer.get_vocab():
+        raise ValueError(f"`token`: {config.token!r} is already a word of {config.model!r}; choose a new word (e.g. 'sks').")
+
+
+def train_subject(config: SubjectConfig) -> Path:
+    """Prepare the data and class examples, then run the language-model stage; returns OUT/model."""
+    check_new_word(config)
+    data, class_data = prepare_subject_data(config)
+    from . import train
+
+    return train(stage_config(config, data, class_data))
+
