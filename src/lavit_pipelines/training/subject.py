@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import METADATA, MIXED_PRECISIONS, TrainingConfig
+from .config import METADATA, MIXED_PRECISIONS, TrainingConfig, setting
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INSTANCE_DATA, CLASS_DATA, MODEL = "instance-data", "class-data", "model"
@@ -42,25 +42,25 @@ class SubjectConfig:
     `gradient_checkpointing` as in `TrainingConfig` (for LaVIT-7B: "bf16" and True).
     """
 
-    model: str
-    images: str
-    token: str
-    class_word: str
-    output: str
-    initializer_word: str | None = None
-    caption: str = "a {token}"
-    class_images: str | None = None
-    num_class_images: int | None = None
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    lora: bool = False
-    lora_rank: int = 8
-    max_steps: int = 300
-    learning_rate: float = 2e-2
-    batch_size: int = 8
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    model: str = setting(help="BASE pipeline folder")
+    images: str = setting(help="the subject's images: a folder with metadata.jsonl (texts holding the token) or plain images")
+    token: str = setting(help="the new word, e.g. sks")
+    class_word: str = setting(help="what the subject is, e.g. triangle: starts the word's embedding; class prompts")
+    output: str = setting(help="OUT folder (new or empty): instance-data/, class-data/, model/")
+    initializer_word: str | None = setting(None, "the word(s) that start the new word's embedding (default: class_word)")
+    caption: str = setting("a {token}", "caption of plain images ({token} is filled in)")
+    class_images: str | None = setting(None, "class examples (metadata.jsonl folder) instead of drawing them with BASE")
+    num_class_images: int | None = setting(None, "class examples to draw (default: as many as the subject's images)")
+    prior_preservation: bool = setting(True, "with --lora: train class examples along (DreamBooth's prior preservation)")
+    prior_loss_weight: float = setting(1.0, "the weight of the class examples' tokens in the loss")
+    lora: bool = setting(False, "LoRA adapters on the language model besides the word (off: the word alone)")
+    lora_rank: int = setting(8, "LoRA rank")
+    max_steps: int = setting(300, "optimizer steps")
+    learning_rate: float = setting(2e-2, "learning rate")
+    batch_size: int = setting(8, "examples per batch")
+    seed: int = setting(0, "seed of the class examples, the data order and every random draw")
+    mixed_precision: str = setting("no", f"one of {', '.join(MIXED_PRECISIONS)} (LaVIT-7B: bf16)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (LaVIT-7B: on)")
 
     def __post_init__(self):
         self.check()
