@@ -113,7 +113,8 @@ def merged_folder(model: Path, scratch: Path) -> Path:
 
 def old_metrics(model: Path, scratch: Path, args) -> dict[str, float]:
     output = scratch / f"shapes-{len(list(scratch.iterdir()))}"
-    metrics = evaluate_shapes(model, output, args.old_prompts, args.old_scenes, seed=0, batch_size=8)
+    metrics = evaluate_shapes(model, output=output, num_prompts=args.old_prompts, num_scenes=args.old_scenes, seed=0,
+                              batch_size=8)
     return {key: metrics[key] for key in OLD_METRICS}
 
 
