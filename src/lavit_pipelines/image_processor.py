@@ -8,6 +8,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# What the pipelines take as images: a PIL image, a path, a uint8 array, a preprocessed tensor, or a list of them.
+ImageInput = PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list
+
 
 def open_image_file(path, name: str = "image") -> PIL.Image.Image:
     """The decoded image at `path`; FileNotFoundError/ValueError naming the file when it is missing, not an image,

@@ -1,11 +1,8 @@
 """LavitText2ImagePipeline: text (and image) prompts -> LaVIT visual tokens -> pixel decoder -> UNet -> VAE."""
 
 import inspect
-import os
 from typing import Callable, NamedTuple
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -17,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..image_processor import LavitImageProcessor
+from ..image_processor import ImageInput, LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder, LavitPixelDecoderOutput, check_visual_token_ids
 from ..models.visual_tokenizer import LavitVisualTokenizer
@@ -35,7 +32,6 @@ NO_VISUAL_TOKENIZER = (
     "argument or pass `visual_tokenizer=`."
 )
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-ImageInput = PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list
 # LaVIT's default decoder sizes (height, width) per aspect ratio.
 ASPECT_RATIO_SIZES = {
     "1:1": (1024, 1024), "4:3": (896, 1152), "3:2": (832, 1216), "16:9": (768, 1344), "2:3": (1216, 832), "3:4": (1152, 896)

@@ -10,14 +10,13 @@ from diffusers.utils import replace_example_docstring
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from ..image_processor import LavitImageProcessor
+from ..image_processor import ImageInput, LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor
 from .base import LavitPipelineMixin
 from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
 from .textual_inversion import LavitTextualInversionLoaderMixin
-from .text2image import ImageInput
 from .outputs import LavitUnderstandingPipelineOutput
 from .validation import (
     check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
