@@ -427,6 +427,6 @@ def test_decoder_input_starts_standardised_to_its_codebook():
     decoder = build_tiny_components()["pixel_decoder"]
     codes = decoder.codebook.weight.data
     codes.mul_(0.05).add_(1.0)  # codes close together, as an l2-normalised stage-1 codebook can be
-    before = decoder.input_proj(((codes - codes.mean(0)) / codes.std(0))).detach()
+    before = decoder.input_proj((codes - codes.mean(0)) / codes.std(0)).detach()
     standardize_decoder_input(decoder)
     torch.testing.assert_close(decoder.input_proj(codes).detach(), before, atol=2e-3, rtol=1e-3)

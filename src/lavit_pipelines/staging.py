@@ -13,7 +13,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 STAGING_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>building|replaced)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
 BUILDING, REPLACED = "building", "replaced"

@@ -32,7 +32,7 @@ def generation_scenes(num_prompts: int, seed: int = 0) -> list[Scene]:
     colour × position, cycled), half two-object (of every ordered shape pair × colour pair × layout), alternating."""
     rng = random.Random(f"shapes-prompts-{seed}")
     singles = list(itertools.product(SHAPES, COLORS, POSITIONS))
-    pairs = [(s, c, l) for s in itertools.permutations(SHAPES, 2) for c in itertools.product(COLORS, repeat=2) for l in LAYOUTS]
+    pairs = [(s, c, layout) for s in itertools.permutations(SHAPES, 2) for c in itertools.product(COLORS, repeat=2) for layout in LAYOUTS]
     rng.shuffle(singles)
     rng.shuffle(pairs)
     num_pairs = num_prompts // 2

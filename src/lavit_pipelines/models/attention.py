@@ -5,7 +5,7 @@ function is passed in by the caller so that one block serves both the token merg
 softmax) and the pixel decoder (plain softmax through SDPA).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -46,7 +46,7 @@ class StaticDecodingState:
     def __init__(self):
         self.key, self.cache, self.compiled = None, None, None
 
-    def __deepcopy__(self, memo) -> "StaticDecodingState":
+    def __deepcopy__(self, memo) -> StaticDecodingState:
         return StaticDecodingState()
 
     def __reduce__(self):

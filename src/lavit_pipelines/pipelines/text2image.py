@@ -1,7 +1,8 @@
 """LavitText2ImagePipeline: text (and image) prompts -> LaVIT visual tokens -> pixel decoder -> UNet -> VAE."""
 
 import inspect
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UNet2DConditionModel
@@ -527,7 +528,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature, never mutated
         llm_decoding_kwargs: dict | None = None,
     ) -> LavitText2ImagePipelineOutput | tuple:
         r"""Generate images from prompts, or decode given visual tokens.

@@ -7,7 +7,7 @@ A code whose usage falls below `dead_code_threshold` is restarted at a vector of
 are summed over processes (`reduce`), so every process applies the same update.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

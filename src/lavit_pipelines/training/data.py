@@ -3,7 +3,7 @@ saved with `Dataset.save_to_disk`, or a `datasets` name; the image folder is che
 
 import json
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import PIL.Image
 import torch
