@@ -107,7 +107,7 @@ def subject_captions(images: Path, token: str, caption: str) -> list[tuple[str, 
         check_image_folder(images)
         records = [json.loads(line) for line in (images / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
         pairs = [(record["file_name"], record["text"]) for record in records]
-        for number, (name, text) in enumerate(pairs, start=1):
+        for number, (_, text) in enumerate(pairs, start=1):
             if token not in text.split():
                 raise ValueError(f"`images`: {images / METADATA}:{number}: the caption {text!r} does not contain the word {token!r}.")
         return pairs
