@@ -23,9 +23,9 @@ from diffusers.image_processor import VaeImageProcessor
 
 from demo_quality import default_model
 from lavit_pipelines import LavitText2ImagePipeline
+from lavit_pipelines.evaluation.shapes import judge_generation
 from lavit_pipelines.image_processor import LavitImageProcessor
 from lavit_pipelines.models.visual_tokenizer import sample_keep_mask
-from lavit_pipelines.evaluation.shapes import judge_generation
 from lavit_pipelines.worlds.shapes import COLORS, POSITIONS, SHAPES, render, single_scene
 from machine import describe_machine
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from machine import describe_machine
 
 RELEASE_CONFIGS = Path(__file__).resolve().parent / "release-configs"

@@ -28,7 +28,16 @@ import torch
 from lavit_pipelines.evaluation.shapes import evaluate_shapes
 from lavit_pipelines.training.subject import SubjectConfig, train_subject
 from lavit_pipelines.worlds.shapes import (
-    COLORS, PHRASES, POSITIONS, SINGLE_JITTER, SINGLE_SIDES, Scene, ShapeObject, analyze, foreground_mask, render,
+    COLORS,
+    PHRASES,
+    POSITIONS,
+    SINGLE_JITTER,
+    SINGLE_SIDES,
+    Scene,
+    ShapeObject,
+    analyze,
+    foreground_mask,
+    render,
 )
 from machine import describe_machine
 

@@ -15,6 +15,7 @@ from lavit_pipelines.demo.recipe import Recipe, RecipeRun
 from lavit_pipelines.evaluation.shapes import judge_caption, judge_generation
 from lavit_pipelines.worlds import shapes
 
+
 @pytest.fixture(scope="module")
 def t2i():
     return LavitText2ImagePipeline.from_pretrained(default_model_path())

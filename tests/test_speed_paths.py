@@ -12,8 +12,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lavit_pipelines import LavitText2ImagePipeline
 from lavit_pipelines.models import visual_sampling
-from lavit_pipelines.models.visual_sampling import sample_visual_tokens
 from lavit_pipelines.models.pixel_decoder import LavitPixelDecoder
+from lavit_pipelines.models.visual_sampling import sample_visual_tokens
 
 IMG, END_IMG, PAD = 32000, 32001, 2
 

@@ -12,8 +12,8 @@ import re
 import shutil
 import socket
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 STAGING_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>building|replaced)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
 BUILDING, REPLACED = "building", "replaced"

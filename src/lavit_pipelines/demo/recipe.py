@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from diffusers import AutoencoderKL
 
 from ..image_processor import LavitImageProcessor

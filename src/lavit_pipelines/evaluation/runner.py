@@ -10,8 +10,8 @@ by the processes); `partial/run.json` records the settings, and a rerun with oth
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 

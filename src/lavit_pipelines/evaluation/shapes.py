@@ -19,7 +19,17 @@ import PIL.Image
 import torch
 
 from ..worlds.shapes import (
-    COLORS, LAYOUTS, POSITIONS, SHAPES, Scene, analyze, pair_scene, parse_caption, random_scene, render, single_scene,
+    COLORS,
+    LAYOUTS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    analyze,
+    pair_scene,
+    parse_caption,
+    random_scene,
+    render,
+    single_scene,
 )
 from .runner import load_pipelines, run_sharded, start_run, write_json
 

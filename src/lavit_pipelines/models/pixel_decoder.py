@@ -9,7 +9,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .attention import SelfCrossBlock, merge_heads, split_heads, sdpa
+from .attention import SelfCrossBlock, merge_heads, sdpa, split_heads
 
 VARIANTS = ("highres", "lowres")
 

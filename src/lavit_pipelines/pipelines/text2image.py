@@ -25,7 +25,12 @@ from .lora import LavitLoraLoaderMixin
 from .outputs import LavitText2ImagePipelineOutput
 from .textual_inversion import LavitTextualInversionLoaderMixin
 from .validation import (
-    check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
+    check_float,
+    check_generator,
+    check_image_items,
+    check_positive_int,
+    check_sampling,
+    check_token_limits,
 )
 
 NO_VISUAL_TOKENIZER = (

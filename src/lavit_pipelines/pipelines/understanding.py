@@ -16,10 +16,15 @@ from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor
 from .base import LavitPipelineMixin
 from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
-from .textual_inversion import LavitTextualInversionLoaderMixin
 from .outputs import LavitUnderstandingPipelineOutput
+from .textual_inversion import LavitTextualInversionLoaderMixin
 from .validation import (
-    check_float, check_generator, check_image_items, check_positive_int, check_sampling, check_token_limits
+    check_float,
+    check_generator,
+    check_image_items,
+    check_positive_int,
+    check_sampling,
+    check_token_limits,
 )
 
 VQA_PROMPT = "Question: {} Answer:"

@@ -2,8 +2,8 @@
 saved with `Dataset.save_to_disk`, or a `datasets` name; the image folder is checked line by line first."""
 
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import PIL.Image
 import torch

@@ -11,8 +11,8 @@ same scenes on every machine.
 from __future__ import annotations
 
 import json
-import re
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
