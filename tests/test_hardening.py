@@ -170,7 +170,7 @@ LM_DAMAGE = [
     (lambda f: edit_json(f / "config.json", num_hidden_layers=1), "hold unexpected 9 tensors"),
     (lambda f: drop_layer_tensors(f / "model.safetensors", "model.norm"), "lack 1 tensors (model.norm.weight)"),
     (lambda f: edit_json(f / "config.json", intermediate_size=48), "of shape"),
-    (lambda f: truncate(f / "model.safetensors"), "not a readable safetensors file"),
+    (lambda f: truncate(f / "model.safetensors"), "is not a readable weight file"),
     (lambda f: rewrite(f / "config.json", b"{"), "could not build LavitForCausalLM"),
 ]
 VISUAL_TOKENIZER_DAMAGE = [
@@ -180,7 +180,7 @@ VISUAL_TOKENIZER_DAMAGE = [
         lambda f: rewrite_safetensors(f / "diffusion_pytorch_model.safetensors", lambda s: {**s, "extra.weight": torch.ones(2)}),
         "hold unexpected 1 tensors (extra.weight)",
     ),
-    (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "has no safetensors weights"),
+    (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "has no weights (*.safetensors or *.bin)"),
 ]
 
 

@@ -4,22 +4,27 @@ import enum
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
+import pickle
 import tempfile
 import typing
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers.pipelines
-from accelerate import init_empty_weights
+import torch
 from diffusers import ModelMixin, SchedulerMixin
+from diffusers.models.model_loading_utils import load_state_dict
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-# Files of a converted folder that loading needs (weights in safetensors only).
-_COMPONENT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")
+# Files of a converted folder that loading needs (weights in safetensors, or `.bin` as `safe_serialization=False` saves).
+_COMPONENT_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")
+WEIGHT_FORMATS = ("safetensors", "bin")  # in the order diffusers and transformers prefer them
 
 MODEL_CARD = """
 # {repo_id}
@@ -123,48 +128,100 @@ def resolve_component_class(name: str, entry, index_path: Path, declared) -> typ
 
 def _is_variant(path: Path, variant: str | None) -> bool:
     """Whether a weight file or index name carries exactly `variant` (`model.fp16.safetensors`,
-    `model.safetensors.index.fp16.json`), or no variant when `variant` is None."""
-    infixes = [part for part in path.name.split(".")[1:-1] if part not in ("safetensors", "index")]
+    `model.safetensors.index.fp16.json`, `diffusion_pytorch_model.fp16.bin`), or no variant when `variant` is None."""
+    infixes = [part for part in path.name.split(".")[1:-1] if part not in ("index", *WEIGHT_FORMATS)]
     return infixes == ([variant] if variant else [])
 
 
 def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Path]:
-    """The safetensors files a model component loads from: the shards its index lists, or its single file (of
-    `variant` when there are such files). FileNotFoundError naming the component when there are none."""
+    """The weight files a model component loads from, as diffusers and transformers pick them: safetensors before
+    `.bin`, the shards an index lists before single files, files of `variant` before plain ones.
+    FileNotFoundError naming the component when there are none."""
     for candidate in dict.fromkeys([variant, None]):
-        for index in sorted(i for i in folder.glob("*.safetensors.index*.json") if _is_variant(i, candidate)):
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
-            return [folder / shard for shard in shards]
-        files = [f for f in sorted(folder.glob("*.safetensors")) if _is_variant(f, candidate)]
-        if files:
-            return files
-    raise FileNotFoundError(f"The component `{name}` has no safetensors weights in {folder}.")
+        for suffix in WEIGHT_FORMATS:
+            for index in sorted(i for i in folder.glob(f"*.{suffix}.index*.json") if _is_variant(i, candidate)):
+                try:
+                    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                    raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
+                return [folder / shard for shard in shards]
+            files = [f for f in sorted(folder.glob(f"*.{suffix}")) if _is_variant(f, candidate)]
+            if files:
+                return files
+    raise FileNotFoundError(f"The component `{name}` has no weights (*.safetensors or *.bin) in {folder}.")
 
 
 def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
-    """Tensor name -> shape, from the safetensors headers only."""
+    """Tensor name -> shape, from the safetensors headers, or from a `.bin` unpickled as diffusers and transformers
+    do (`torch.load(weights_only=True)`, onto the meta device: no tensor data is read). A pickle that holds anything
+    but tensors and plain containers is refused by torch, before any of its code could run."""
     shapes = {}
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"The component `{name}` lacks its weight file {path}.")
         try:
-            with safe_open(path, "pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-        except Exception as error:  # noqa: BLE001 - SafetensorError and OS errors: a truncated or corrupt file
-            raise ValueError(f"The component `{name}`: {path} is not a readable safetensors file ({error}).") from error
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt") as f:
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+            else:
+                state = load_state_dict(str(path), map_location="meta")
+                shapes.update({key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)})
+        except Exception as error:  # noqa: BLE001 - SafetensorError, refused pickles and OS errors: name the file
+            reason = ("it holds objects other than tensors, which `torch.load(weights_only=True)` refuses; nothing "
+                      "in it was executed" if _caused_by(error, pickle.UnpicklingError) else _first_line(error))
+            raise ValueError(f"The component `{name}`: {path} is not a readable weight file ({reason}).") from error
     return shapes
 
 
-def meta_model(name: str, folder: Path, model_cls):
-    """The model its config describes, on the meta device (no memory, no weights read)."""
+def _caused_by(error: BaseException, kind: type) -> bool:
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error is not None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class ConfigTooLarge(ValueError):
+    """The config describes a model with far more parameters than its weights hold."""
+
+
+@contextmanager
+def parameter_budget(limit: int):
+    """While active, registering parameters or buffers beyond `limit` elements in all raises ConfigTooLarge: a
+    config that disagrees with its weights (say `num_hidden_layers: 10**9`) stops at its first surplus layer
+    instead of building a billion modules."""
+    total = 0
+
+    def count(module, name, tensor):
+        nonlocal total
+        total += tensor.numel() if tensor is not None else 0
+        if total > limit:
+            raise ConfigTooLarge(f"more than {limit:,} parameters (at a {type(module).__name__})")
+
+    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(count),
+             torch.nn.modules.module.register_module_buffer_registration_hook(count)]
     try:
-        with init_empty_weights():
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def meta_model(name: str, folder: Path, model_cls, max_elements: int | None = None):
+    """The model its config describes, on the meta device (no memory, no weights read); with `max_elements`, a
+    ValueError as soon as its parameters and buffers exceed that many elements."""
+    try:
+        with torch.device("meta"), parameter_budget(max_elements if max_elements is not None else float("inf")):
             if issubclass(model_cls, ModelMixin):
                 return model_cls.from_config(model_cls.load_config(folder))
             return model_cls._from_config(model_cls.config_class.from_pretrained(folder))
+    except ConfigTooLarge as error:
+        raise ValueError(
+            f"The component `{name}`: the config in {folder} describes a {model_cls.__name__} of {error}, far more "
+            f"than its weights hold; refused before building it."
+        ) from None
     except Exception as error:  # noqa: BLE001 - a missing or malformed config: name the component
         raise ValueError(f"The component `{name}`: could not build {model_cls.__name__} from the config in {folder}: {error}") from error
 
@@ -180,14 +237,16 @@ def _ignored(key: str, patterns) -> bool:
 
 def check_component_weights(name: str, folder: Path, model_cls, variant: str | None = None) -> None:
     """ValueError/FileNotFoundError naming the component when its weights do not fit the model its config describes:
-    a tensor missing, unexpected or of another shape, or a weight file unreadable. Cheap: the model is built on the
-    meta device and only the safetensors headers are read."""
+    a tensor missing, unexpected or of another shape, a config that describes a model much larger than its weights,
+    or a weight file unreadable. Cheap: only the weights' headers are read, then the model is built on the meta
+    device, stopped once it outgrows twice the stored elements (tied weights count twice while building)."""
     if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
-    model = meta_model(name, folder, model_cls)
+    stored = _stored_shapes(name, weight_files(name, folder, variant))
+    budget = 2 * sum(math.prod(shape) for shape in stored.values()) + 2**20
+    model = meta_model(name, folder, model_cls, budget)
     state = model.state_dict(keep_vars=True)
     expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
-    stored = _stored_shapes(name, weight_files(name, folder, variant))
     for key in sorted(stored.keys() & expected.keys()):
         if stored[key] != expected[key]:
             raise ValueError(
