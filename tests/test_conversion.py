@@ -335,3 +335,14 @@ def test_unseen_dimensions_convert_end_to_end(unseen_checkpoint, tmp_path):
     understanding = LavitUnderstandingPipeline.from_pretrained(out)
     understanding.set_progress_bar_config(disable=True)
     assert len(understanding.caption(image, max_new_tokens=9)) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_converted_folder_gets_the_permissions_of_the_umask(checkpoint_dir, tmp_path, umask):
+    """Like any folder the user makes (a staging folder from `tempfile.mkdtemp` would be 0700)."""
+    dst = tmp_path / "out"
+    code = f"import os; os.umask({umask}); from lavit_pipelines.conversion import convert; convert({str(checkpoint_dir)!r}, {str(dst)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    for path in [dst, *dst.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, path

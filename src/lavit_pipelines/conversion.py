@@ -27,7 +27,7 @@ from .models.pixel_decoder import LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
 from .pipelines.base import meta_model, read_model_index, resolve_component_class, weight_files
 from .pipelines.text2image import LavitText2ImagePipeline
-from .staging import REPLACED, clean_stale_staging, staging_folder
+from .staging import REPLACED, apply_umask, clean_stale_staging, staging_folder
 from .tokenization import load_lavit_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -493,6 +493,7 @@ def convert(
     try:
         write_components(src, staging, variant, DTYPES.get(dtype), safety_checker)
         validate_output(staging)
+        apply_umask(staging)
         publish(staging, dst, claimed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -39,6 +39,27 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def umask() -> int:
+    """The process's umask: from /proc where there is one (reading it elsewhere means setting it for a moment)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the user's umask gives new files and folders: staging
+    folders (`tempfile.mkdtemp`) and safetensors files (written through a private temporary file) are 0700/0600."""
+    mask = umask()
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -21,7 +21,7 @@ from .models.initialization import randomize_zero_parameters
 from .models.language_model import LavitConfig, LavitForCausalLM
 from .models.pixel_decoder import VARIANTS, LavitPixelDecoder
 from .models.visual_tokenizer import LavitVisualTokenizer
-from .staging import clean_stale_staging, staging_folder
+from .staging import apply_umask, clean_stale_staging, staging_folder
 from .tokenization import build_llama_style_tokenizer
 
 CORPUS = (
@@ -184,6 +184,7 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, variant: str 
             shutil.rmtree(staging / "corrupt", ignore_errors=True)
         LavitText2ImagePipeline(**build_tiny_components(variant)).save_pretrained(staging)
         (staging / MANIFEST).write_text(json.dumps(_file_digests(staging)))
+        apply_umask(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished first
