@@ -331,6 +331,8 @@ def load_pipeline(pipeline_cls, args, device=None, **kwargs):
 
     source = args.model or default_model_path()
     default_device, dtype = resolve_device_and_dtype(args)
+    if getattr(args, "lora", None):
+        pipeline_cls.checked_lora_state_dict(args.lora)  # before any model loads
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
     if getattr(args, "lora", None):
         pipe.load_lora_weights(args.lora)

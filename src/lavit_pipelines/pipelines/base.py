@@ -6,9 +6,9 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import sys
-import pickle
 import tempfile
 import typing
 from contextlib import contextmanager
@@ -52,6 +52,11 @@ The weights keep the LLaMA 2 Community License of the original release.
 # package's modules are taken from `sys.modules` (imported by this package itself), never imported for an entry.
 IMPORTABLE_LIBRARIES = ("diffusers", "transformers")
 PACKAGE = __name__.split(".")[0]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can only mean a Hub repo id (`owner/name`), not a local path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not os.path.isabs(name)
 
 
 def read_model_index(folder: Path) -> dict:
@@ -151,7 +156,7 @@ def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Pa
     raise FileNotFoundError(f"The component `{name}` has no weights (*.safetensors or *.bin) in {folder}.")
 
 
-def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
+def stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
     """Tensor name -> shape, from the safetensors headers, or from a `.bin` unpickled as diffusers and transformers
     do (`torch.load(weights_only=True)`, onto the meta device: no tensor data is read). A pickle that holds anything
     but tensors and plain containers is refused by torch, before any of its code could run."""
@@ -168,7 +173,7 @@ def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
                 shapes.update({key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)})
         except Exception as error:  # noqa: BLE001 - SafetensorError, refused pickles and OS errors: name the file
             reason = ("it holds objects other than tensors, which `torch.load(weights_only=True)` refuses; nothing "
-                      "in it was executed" if _caused_by(error, pickle.UnpicklingError) else _first_line(error))
+                      "in it was executed" if _caused_by(error, pickle.UnpicklingError) else first_line(error))
             raise ValueError(f"The component `{name}`: {path} is not a readable weight file ({reason}).") from error
     return shapes
 
@@ -179,7 +184,7 @@ def _caused_by(error: BaseException, kind: type) -> bool:
     return error is not None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -242,7 +247,7 @@ def check_component_weights(name: str, folder: Path, model_cls, variant: str | N
     device, stopped once it outgrows twice the stored elements (tied weights count twice while building)."""
     if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
-    stored = _stored_shapes(name, weight_files(name, folder, variant))
+    stored = stored_shapes(name, weight_files(name, folder, variant))
     budget = 2 * sum(math.prod(shape) for shape in stored.values()) + 2**20
     model = meta_model(name, folder, model_cls, budget)
     state = model.state_dict(keep_vars=True)
@@ -297,7 +302,7 @@ class LavitPipelineMixin:
         component this pipeline loads (diffusers would otherwise look for a missing one at the root)."""
         folder = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
-            if os.path.exists(folder) or folder.startswith((".", "/", "~")) or folder.count("/") != 1:
+            if os.path.exists(folder) or not is_hub_id(folder):
                 raise FileNotFoundError(f"{folder!r} is neither a converted LaVIT folder nor a Hub repo id.")
             folder = cls.download(folder, **kwargs)
         cls.check_folder(Path(folder), passed=kwargs)

@@ -1,12 +1,26 @@
 """`TrainingConfig`: every setting of a training run, checked before anything heavy happens."""
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
+from diffusers.optimization import SchedulerType
+
 STAGES = ("visual-tokenizer", "pixel-decoder", "language-model")
+LORA_STAGES = ("pixel-decoder", "language-model")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METADATA = "metadata.jsonl"  # an image folder's captions (the `datasets` imagefolder convention)
+# Settings that are counts: >= 1, or None where the class docstring gives None a meaning.
+POSITIVE = ("max_steps", "batch_size", "lora_rank", "gradient_accumulation_steps", "checkpointing_steps",
+            "logging_steps", "max_length", "reconstruction_layers", "validation_inference_steps", "kmeans_iters")
+POSITIVE_OR_NONE = ("validation_steps", "checkpoints_total_limit", "resolution")
+NON_NEGATIVE = ("lr_warmup_steps", "quantize_after_steps")
+# Float settings: (name, lowest allowed, whether the lowest is allowed, None allowed); each must be finite.
+FLOATS = (("learning_rate", 0.0, False, False), ("weight_decay", 0.0, True, False), ("max_grad_norm", 0.0, True, False),
+          ("lora_alpha", 0.0, False, True), ("keep_ratio_weight", 0.0, True, False),
+          ("commitment_weight", 0.0, True, False), ("dead_code_threshold", 0.0, True, False),
+          ("gumbel_temperature", 0.0, False, False), ("snr_gamma", 0.0, False, True))
 
 
 def setting(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -116,31 +130,37 @@ class TrainingConfig:
         self.check()
 
     def check(self) -> None:
-        """ValueError naming the first setting that is out of range."""
+        """ValueError naming the first setting that is out of range (all checked before anything loads)."""
         if self.stage not in STAGES:
             raise ValueError(f"`stage` must be one of {STAGES}, got {self.stage!r}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
         if not os.path.isdir(self.model):
             raise FileNotFoundError(f"`model`: {self.model!r} is not a pipeline folder.")
-        positive = ("max_steps", "batch_size", "lora_rank", "gradient_accumulation_steps", "checkpointing_steps",
-                    "logging_steps", "max_length", "reconstruction_layers", "validation_inference_steps")
-        for name in positive:
+        for name in POSITIVE + POSITIVE_OR_NONE + NON_NEGATIVE:
+            value, lowest = getattr(self, name), 0 if name in NON_NEGATIVE else 1
+            if value is None and name in POSITIVE_OR_NONE:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                kind = "a non-negative integer" if lowest == 0 else "a positive integer"
+                raise ValueError(f"`{name}` must be {kind}{' or None' if name in POSITIVE_OR_NONE else ''}, got {value!r}.")
+        for name, lowest, inclusive, optional in FLOATS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.validation_steps is not None and self.validation_steps < 1:
-            raise ValueError(f"`validation_steps` must be a positive integer or None, got {self.validation_steps!r}.")
+            if value is None and optional:
+                continue
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < lowest or (value == lowest and not inclusive)):
+                bound = "non-negative" if inclusive else "positive"
+                raise ValueError(f"`{name}` must be a finite {bound} number{' or None' if optional else ''}, got {value!r}.")
         for name in ("target_keep_ratio", "condition_dropout", "understanding_ratio", "text_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {getattr(self, name)!r}.")
         for name in ("codebook_decay", "ema_decay"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in (0, 1), got {getattr(self, name)!r}.")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise ValueError(f"`snr_gamma` must be positive or None, got {self.snr_gamma!r}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"`lr_scheduler` must be one of diffusers' {schedulers}, got {self.lr_scheduler!r}.")
         language_model_only = ("placeholder_token", "initializer_token", "class_data")
         for name in language_model_only:
             if getattr(self, name) is not None and self.stage != "language-model":
@@ -158,6 +178,13 @@ class TrainingConfig:
             raise ValueError(f"`prior_loss_weight` must be >= 0, got {self.prior_loss_weight!r}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"`prediction_type` must be None, 'epsilon' or 'v_prediction', got {self.prediction_type!r}.")
+        if self.lora and self.stage not in LORA_STAGES:
+            raise ValueError(f"`lora`: the {self.stage} stage trains no LoRA adapters (only {', '.join(LORA_STAGES)}).")
+        if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            raise ValueError(f"`lora_target_modules` must be a non-empty list of module names, got {self.lora_target_modules!r}.")
+        if self.resume_from_checkpoint is not None and not (isinstance(self.resume_from_checkpoint, str)
+                                                              and self.resume_from_checkpoint):
+            raise ValueError(f"`resume_from_checkpoint` must be 'latest' or a checkpoint folder, got {self.resume_from_checkpoint!r}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

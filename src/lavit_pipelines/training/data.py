@@ -1,7 +1,9 @@
 """Training data: an image folder with `metadata.jsonl` (the `datasets` imagefolder convention), a folder
-saved with `Dataset.save_to_disk`, or a `datasets` name; the image folder is checked line by line first."""
+saved with `Dataset.save_to_disk`, or a `datasets` name; the image folder is checked line by line first and gives
+exactly the examples it lists."""
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,18 +16,24 @@ PROMPT = "prompt"  # optional column: a text the language model reads, not learn
 PRIOR = "prior"  # column added with class examples: True for them (prior preservation), False for the data's own
 
 
-def check_image_folder(folder: Path, text_column: str = "text") -> int:
-    """Every line of `folder/metadata.jsonl` must be a JSON object whose `file_name` is a readable image in
-    `folder` and whose `text_column` is a non-empty string (and `prompt`, when given, a string). Returns the number of examples; raises a
-    ValueError/FileNotFoundError naming the file and line otherwise."""
+def read_metadata(folder: Path, text_column: str = "text") -> list[dict]:
+    """The examples of `folder/metadata.jsonl`, each a JSON object whose `file_name` is a readable image inside
+    `folder` (no `..`, absolute path or symlink leading out; at most PIL's decompression-bomb limit of pixels) and
+    whose `text_column` is a non-empty string (and `prompt`, when given, a string); `file_name` becomes the image's
+    path. ValueError/FileNotFoundError naming the file and line otherwise."""
     metadata = folder / METADATA
     if not metadata.is_file():
         raise FileNotFoundError(f"`data`: {folder} has no {METADATA} (lines of {{\"file_name\": ..., \"text\": ...}}).")
-    count = 0
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    root = folder.resolve()
+    records = []
+    for number, raw in enumerate(metadata.read_bytes().splitlines(), start=1):
+        where = f"{metadata}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
         if not line.strip():
             continue
-        where = f"{metadata}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -38,29 +46,44 @@ def check_image_folder(folder: Path, text_column: str = "text") -> int:
         if not isinstance(record.get(PROMPT, ""), str):
             raise ValueError(f"{where}: \"{PROMPT}\" must be a string (the unlabelled text before \"{text_column}\").")
         image = folder / record["file_name"]
+        if os.path.isabs(record["file_name"]) or not image.resolve().is_relative_to(root):
+            raise ValueError(f"{where}: the image {record['file_name']!r} lies outside the data folder {str(folder)!r}.")
         if not image.is_file():
             raise FileNotFoundError(f"{where}: the image {str(image)!r} does not exist.")
-        try:
-            with PIL.Image.open(image) as opened:
-                opened.verify()
-        except (OSError, SyntaxError) as error:
-            raise ValueError(f"{where}: {str(image)!r} is not a readable image ({error}).") from None
-        count += 1
-    if count == 0:
+        check_image(image, where)
+        records.append({**record, "file_name": str(image)})
+    if not records:
         raise ValueError(f"`data`: {metadata} lists no example.")
-    return count
+    return records
+
+
+def check_image(image: Path, where: str) -> None:
+    """ValueError naming `where` unless `image` is an image PIL reads, of at most `PIL.Image.MAX_IMAGE_PIXELS`."""
+    try:
+        with PIL.Image.open(image) as opened:
+            pixels = opened.size[0] * opened.size[1]
+            if PIL.Image.MAX_IMAGE_PIXELS and pixels > PIL.Image.MAX_IMAGE_PIXELS:
+                raise PIL.Image.DecompressionBombError(
+                    f"{pixels} pixels, over PIL's decompression-bomb limit of {PIL.Image.MAX_IMAGE_PIXELS}")
+            opened.verify()
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"{where}: {str(image)!r} is not a readable image ({error}).") from None
 
 
 def load_image_text_dataset(data: str, image_column: str = "image", text_column: str = "text"):
-    """`data` -> a `datasets.Dataset` with `image_column` (PIL images) and `text_column` (strings)."""
+    """`data` -> a `datasets.Dataset` with `image_column` (PIL images) and `text_column` (strings). An image
+    folder gives exactly the examples its metadata.jsonl lists (other files in it, such as a run's output
+    written inside it, are never read)."""
     import datasets
 
     folder = Path(data)
     if not folder.exists() and (data.startswith((".", "/", "~")) or data.count("/") != 1):
         raise FileNotFoundError(f"`data`: {data!r} is neither a folder nor a `datasets` name (owner/name).")
     if (folder / METADATA).is_file() or (folder.is_dir() and not (folder / "dataset_info.json").is_file()):
-        check_image_folder(folder, text_column)
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+        records = read_metadata(folder, text_column)
+        columns = {key: [record.get(key) for record in records] for key in dict.fromkeys(k for r in records for k in r)}
+        dataset = datasets.Dataset.from_dict({image_column: columns.pop("file_name"), **columns})
+        dataset = dataset.cast_column(image_column, datasets.Image())
     elif folder.is_dir():
         dataset = datasets.load_from_disk(str(folder))
     else:

@@ -14,18 +14,22 @@ uninterrupted one, and the result does not depend on how the batch is split acro
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
+from accelerate.state import PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import load as accelerate_load
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from ..pipelines.base import component_entries
+from ..pipelines.base import component_entries, first_line, stored_shapes
+from ..staging import apply_umask
 from .config import TrainingConfig
 from .data import IndexedDataset, add_class_examples, collate, load_image_text_dataset
 
@@ -110,17 +114,62 @@ def check_output(output: Path, model: Path, resume: str | None) -> None:
         )
 
 
-def find_checkpoint(output: Path, resume: str | None) -> Path | None:
-    """`latest` -> the newest `checkpoint-<step>` in output (None if there is none); a path -> that folder."""
+def find_checkpoint(output: Path, config: TrainingConfig) -> Path | None:
+    """`latest` -> the newest `checkpoint-<step>` in output (None, said on one line, if there is none: a new run
+    starts); a path -> that folder. ValueError when the run recorded there trained another stage."""
+    resume = config.resume_from_checkpoint
     if resume is None:
         return None
     if resume != "latest":
         path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"`resume_from_checkpoint`: no checkpoint folder {resume!r}.")
-        return path
-    found = [p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if found else None
+        if not path.is_dir() or not checkpoint_step(path):
+            raise FileNotFoundError(f"`resume_from_checkpoint`: no checkpoint folder ({CHECKPOINT_PREFIX}<step>) {resume!r}.")
+    else:
+        found = [p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p)]
+        if not found:
+            if PartialState().is_main_process:
+                print(f"resume_from_checkpoint=latest: {output} holds no checkpoint; starting a new training run.",
+                      file=sys.stderr)
+            return None
+        path = max(found, key=checkpoint_step)
+    recorded = path.parent / CONFIG
+    if recorded.is_file():
+        try:
+            stage = json.loads(recorded.read_text(encoding="utf-8")).get("stage")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"`resume_from_checkpoint`: {recorded} is not a training config ({error}).") from None
+        if stage != config.stage:
+            raise ValueError(f"`resume_from_checkpoint`: {path} is a checkpoint of the {stage} stage ({recorded}), "
+                             f"not of {config.stage}.")
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of `checkpoint-<step>` (0 for other names)."""
+    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else 0
+
+
+def check_checkpoint(checkpoint: Path, module: torch.nn.Module) -> None:
+    """ValueError naming the file when a file of `checkpoint` is unreadable (truncated, or a pickle that holds more
+    than tensors: read as accelerate reads it, `weights_only`, memory-mapped) or its model weights are not those of
+    `module` (another stage, other settings)."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            try:
+                stored = stored_shapes("checkpoint", [path])
+            except ValueError as error:
+                raise ValueError(f"`resume_from_checkpoint`: {path} is not readable ({first_line(error.__cause__)}).") from None
+            different = sorted(set(stored) ^ set(expected)) or sorted(k for k in stored if stored[k] != expected[k])
+            if different:
+                raise ValueError(f"`resume_from_checkpoint`: {path} holds the weights of another model than this run "
+                                 f"trains ({different[0]} differs): another stage or other settings.")
+        elif path.suffix in (".bin", ".pkl"):
+            try:
+                accelerate_load(path, map_location="cpu", mmap=True)
+            except Exception as error:  # noqa: BLE001 - truncated or refused: name the file
+                raise ValueError(f"`resume_from_checkpoint`: {path} is not readable ({first_line(error)}).") from None
 
 
 def load_components(model: Path, names: tuple[str, ...], dtype: torch.dtype = torch.float32) -> dict:
@@ -158,6 +207,7 @@ def write_pipeline_folder(model: Path, output: Path, trained: dict) -> None:
         else:
             shutil.copytree(model / name, staging / name)
     shutil.copy2(model / "model_index.json", staging / "model_index.json")
+    apply_umask(staging)
     for entry in staging.iterdir():
         target = output / entry.name
         if target.is_dir():
@@ -213,6 +263,13 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     """Train one stage; returns OUT (a complete pipeline folder)."""
     model, output = Path(config.model), Path(config.output)
     check_output(output, model, config.resume_from_checkpoint)
+    checkpoint = find_checkpoint(output, config)
+    step = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    if step >= config.max_steps and (output / "model_index.json").is_file():
+        if PartialState().is_main_process:
+            print(f"{checkpoint} already reached max_steps={config.max_steps}: nothing to train, {output} is left as it is.",
+                  file=sys.stderr)
+        return output
     dataset = load_image_text_dataset(config.data, config.image_column, config.text_column)
     if config.class_data is not None:
         dataset = add_class_examples(dataset, config.class_data, config.image_column, config.text_column)
@@ -238,11 +295,9 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     )
     module, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage.module, optimizer, dataloader, lr_scheduler)
 
-    step = 0
-    checkpoint = find_checkpoint(output, config.resume_from_checkpoint)
     if checkpoint is not None:
+        check_checkpoint(checkpoint, accelerator.unwrap_model(module))
         accelerator.load_state(str(checkpoint))
-        step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
@@ -255,6 +310,8 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     if config.validation_steps and step == 0 and accelerator.is_main_process:
         validate(stage, accelerator, validation_batch, 0, output)  # the baseline
     for epoch, batch in batches_from(dataloader, accelerator, step * config.gradient_accumulation_steps):
+        if step >= config.max_steps:  # resumed from the last checkpoint of a run whose pipeline was never written
+            break
         generators = example_generators(config.seed, epoch, batch["index"].tolist())
         with accelerator.accumulate(module):
             module.train()

@@ -88,9 +88,9 @@ class SubjectConfig:
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
         if self.class_images is not None:
-            from .data import check_image_folder
+            from .data import read_metadata
 
-            check_image_folder(Path(self.class_images))
+            read_metadata(Path(self.class_images))
         subject_captions(Path(self.images), self.token, self.caption)
         output = Path(self.output)
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -102,9 +102,9 @@ def subject_captions(images: Path, token: str, caption: str) -> list[tuple[str, 
     if not images.is_dir():
         raise FileNotFoundError(f"`images`: {str(images)!r} is not a folder.")
     if (images / METADATA).is_file():
-        from .data import check_image_folder
+        from .data import read_metadata
 
-        check_image_folder(images)
+        read_metadata(images)
         records = [json.loads(line) for line in (images / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
         pairs = [(record["file_name"], record["text"]) for record in records]
         for number, (_, text) in enumerate(pairs, start=1):
