@@ -150,7 +150,7 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
         evaluate_captioning(NO_MODEL, annotations=missing_image, images=images, ground_truth=data / "caption_gt.json", output=out)
     no_key = tmp_path / "no_key.json"
     no_key.write_text(json.dumps([{"question_id": 1, "image": "00000.png", "answer": ["a"]}]))
-    with pytest.raises(ValueError, match=r"no_key.json: entry 0 has no 'question'"):
+    with pytest.raises(ValueError, match=r"no_key.json: entry 0 \(question_id 1\) has no 'question'"):
         evaluate_vqa(NO_MODEL, annotations=no_key, images=images, output=out, lemmatize=False)
     partial_gt = tmp_path / "gt.json"
     partial_gt.write_text(json.dumps({"annotations": [{"image_id": 0, "caption": "a"}]}))
@@ -174,9 +174,9 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
 
 def test_caption_run_resumes_after_an_interruption(data, tmp_path):
     out = tmp_path / "caption"
-    settings = {"task": "caption", "model": str(tiny_pipeline_path()), "annotations": str(data / "caption.json"), "seed": 0, "batch_size": 1}
-    start_run(out, settings)
-    # an interrupted run: image 0 done, the line of image 1 cut in the middle
+    evaluate_captioning(tiny_pipeline_path(), data / "caption.json", data / "images", data / "caption_gt.json", out,
+                        batch_size=1, limit=1, metrics=("Bleu", "CIDEr"))
+    # an interrupted run: image 0 done (its caption marked, to see that it is kept), the line of image 1 cut
     (out / PARTIAL / "predictions-rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
     scores = evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",
                                  ground_truth=data / "caption_gt.json", output=out, batch_size=1, limit=3, metrics=("Bleu", "CIDEr"))

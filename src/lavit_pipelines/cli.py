@@ -136,7 +136,7 @@ def add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter, help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)")
     tasks = evaluate.add_subparsers(dest="task", required=True)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", required=True, help="the converted LaVIT folder (or Hub repo id) to evaluate")
+    model.add_argument("--model", help="the converted LaVIT folder (or Hub repo id) to evaluate (default: the embedded shapes-world demo model)")
     model.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
     model.add_argument("--device", help="default: cuda if available; under accelerate launch, each process' device")
     model.add_argument("--seed", type=int, default=0, help="base seed of the batches (see docs/evaluation.md)")
@@ -439,8 +439,10 @@ def run_evaluate(args) -> None:
     """One evaluation; under `accelerate launch` each process takes its share and the main one prints the metrics."""
     import json
 
+    from .demo import default_model_path
     from .distributed import leave_together, process_state
 
+    args.model = args.model or str(default_model_path())
     state = process_state()
     device, dtype = resolve_device_and_dtype(args)
     device = args.device or (str(state.device) if state.num_processes > 1 else device)

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 from .metrics import CAPTION_METRICS, caption_scores, check_caption_metrics
-from .runner import check_entries, load_understanding, read_json, run_sharded, start_run, write_json
+from .runner import (
+    check_entries, check_output_folder, file_digest, folder_identity, load_understanding, read_json, run_sharded,
+    start_run, write_json,
+)
 
 
 def image_id_of(entry: dict) -> int:
@@ -22,13 +25,14 @@ def image_id_of(entry: dict) -> int:
 def load_caption_items(annotations: str | Path, images: str | Path) -> list[dict]:
     """LAVIS-format annotations `[{"image": rel/path, "image_id"?: int}]` -> `[{"image_id", "path"}]`, checked."""
     entries = read_json(annotations, "--annotations")
-    check_entries(entries, ("image",), annotations, Path(images))
+    check_entries(entries, {"image": str}, annotations, Path(images))
     items = []
     for index, entry in enumerate(entries):
         try:
             items.append({"image_id": image_id_of(entry), "path": str(Path(images) / entry["image"])})
-        except ValueError as error:
-            raise ValueError(f"{annotations}: entry {index} has no `image_id` and its file name ends in no number") from error
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{annotations}: entry {index}: no integer `image_id`, and its file name ends in no number") from error
+    check_entries(items, {"image_id": int}, annotations, key="image_id")
     return items
 
 
@@ -39,7 +43,7 @@ def load_references(ground_truth: str | Path, image_ids: list[int]) -> dict[int,
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if annotations is None:
         raise ValueError(f"{ground_truth}: expected a COCO caption file with an 'annotations' list")
-    check_entries(annotations, ("image_id", "caption"), ground_truth)
+    check_entries(annotations, {"image_id": int, "caption": str}, ground_truth)
     references = {}
     for entry in annotations:
         references.setdefault(int(entry["image_id"]), []).append(entry["caption"])
@@ -67,10 +71,13 @@ def evaluate_captioning(
     (`[{"image_id", "caption"}]`) and `output/metrics.json` (pycocoevalcap's keys for `metrics`); returns the
     metrics on the main process, None on the others. The images of a batch share one generator seeded with
     `seed + the batch's first index`."""
+    check_output_folder(output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images})
     items = load_caption_items(annotations, images)[:limit]
     references = load_references(ground_truth, [item["image_id"] for item in items])
     check_caption_metrics(metrics)
-    config = {"task": "caption", "model": str(model_path), "annotations": str(annotations), "seed": seed, "batch_size": batch_size}
+    config = {"task": "caption", "model": folder_identity(model_path), "images": folder_identity(images),
+              "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "seed": seed,
+              "dtype": str(dtype), "batch_size": batch_size}
     output = start_run(output, config)
     pipe = load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)

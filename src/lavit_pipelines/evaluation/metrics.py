@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,9 +123,17 @@ def spice_available() -> bool:
 
 
 def check_caption_metrics(names: tuple[str, ...]) -> None:
+    """ValueError for unknown metric names, ImportError / FileNotFoundError when pycocoevalcap or the Java it runs
+    (its PTB tokenizer, METEOR, SPICE) is missing: checked before any model runs."""
     unknown = set(names) - set(CAPTION_METRICS)
     if unknown or not names:
         raise ValueError(f"caption metrics must be among {CAPTION_METRICS}, got {list(names)}")
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"caption metrics need pycocoevalcap: pip install 'lavit-pipelines[evaluation]' ({error})") from None
+    if shutil.which("java") is None:
+        raise FileNotFoundError("caption metrics need Java on PATH (pycocoevalcap's PTB tokenizer runs it): install a JRE")
 
 
 def caption_scorers(names: tuple[str, ...]) -> list:

@@ -4,11 +4,13 @@
 predictions do not depend on it), splits the batches between the processes of `accelerate launch`, appends each
 batch's records to the process' own `partial/{stage}-rank{k}.jsonl` as soon as it is done, gathers everything on
 the main process and de-duplicates it by id. A rerun skips the ids already in the partial files (the output folder must be shared
-by the processes); `partial/run.json` records the settings, and a rerun with other settings is refused.
+by the processes); `partial/run.json` records every setting that changes the results (the model, the images
+folder, the hashes of the annotation files, seed, dtype, protocol), and a rerun with other settings is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -61,31 +63,75 @@ def read_json(path: str | Path, name: str):
         raise ValueError(f"{name}: {path} is not valid JSON ({error})") from error
 
 
-def check_entries(entries, required: tuple[str, ...], path: str | Path, images: Path | None = None) -> None:
-    """ValueError naming the file and entry of the first entry without a required key; FileNotFoundError for the
-    first entry whose `image` is not a file under `images`."""
+def check_entries(entries, fields: dict, path: str | Path, images: Path | None = None, key: str | None = None) -> None:
+    """`entries` must be a non-empty JSON list of objects, each with every field of `fields` (name -> type or tuple
+    of types; None and booleans never pass for another type), distinct `key` values, and an `image` that is a file
+    inside `images` (when given). ValueError / FileNotFoundError naming the file, the entry (index and id) and the
+    field otherwise."""
     if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
         raise ValueError(f"{path}: expected a non-empty JSON list of objects")
+    seen = {}
     for index, entry in enumerate(entries):
-        missing = [key for key in required if key not in entry]
+        where = f"{path}: entry {index}" + (f" ({key} {entry[key]!r})" if key in entry else "")
+        missing = [name for name in fields if name not in entry]
         if missing:
-            raise ValueError(f"{path}: entry {index} has no {', '.join(map(repr, missing))}: {json.dumps(entry)[:200]}")
-        if images is not None and not (images / entry["image"]).is_file():
-            raise FileNotFoundError(f"{path}: entry {index}: no image file {str(images / entry['image'])!r}")
+            raise ValueError(f"{where} has no {', '.join(map(repr, missing))}: {json.dumps(entry)[:200]}")
+        for name, types in fields.items():
+            types = types if isinstance(types, tuple) else (types,)
+            value = entry[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                expected = " or ".join(t.__name__ for t in types)
+                raise ValueError(f"{where}: {name!r} must be a {expected}, got {json.dumps(value)[:80]}")
+        if key is not None:
+            if entry[key] in seen:
+                raise ValueError(f"{where}: duplicate {key!r} (entry {seen[entry[key]]} has it too)")
+            seen[entry[key]] = index
+        if images is not None:
+            image = images / entry["image"]
+            if Path(entry["image"]).is_absolute() or not image.resolve().is_relative_to(images.resolve()):
+                raise ValueError(f"{where}: the image {entry['image']!r} lies outside --images {str(images)!r}")
+            if not image.is_file():
+                raise FileNotFoundError(f"{where}: no image file {str(image)!r}")
+
+
+def check_output_folder(output: str | Path, inputs: dict) -> None:
+    """ValueError, before any work, when `output` is a file, or is, holds or lies inside one of the `inputs`
+    (option name -> file or folder, None for an option not given): results never replace or mix with inputs."""
+    out = Path(output).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {str(output)!r} is a file; expected a folder for the results")
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        given = Path(path).resolve()
+        if given == out or given.is_relative_to(out) or (given.is_dir() and out.is_relative_to(given)):
+            raise ValueError(f"--output {str(output)!r} overlaps {name} {str(path)!r}; write the results to a folder "
+                             f"apart from the inputs")
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's bytes (None for None): what a resumed run compares, whatever the file's name."""
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def folder_identity(path: str | Path | None) -> str | None:
+    """The absolute path of a local file or folder (a Hub id as it is; None for None)."""
+    return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 def check_run_config(output: Path, config: dict, write: bool = True) -> None:
-    """ValueError when `output/partial/run.json` records other settings than `config`; else record them there
-    (with `write`)."""
+    """ValueError naming each differing setting when `output/partial/run.json` records other settings than `config`
+    (or `output/partial` holds results without a record); else record them there (with `write`)."""
     path = output / PARTIAL / RUN_CONFIG
     config = json.loads(json.dumps(config, default=str))
     if path.is_file():
         earlier = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key in config.keys() | earlier.keys() if config.get(key) != earlier.get(key))
         if changed:
-            raise ValueError(
-                f"{output} holds results of a run with other settings ({', '.join(changed)}); use another output folder"
-            )
+            shown = "; ".join(f"{key}: {earlier.get(key)!r} recorded, {config.get(key)!r} now" for key in changed)
+            raise ValueError(f"{output} holds results of a run with other settings ({shown}); use another output folder")
+    elif any((output / PARTIAL).glob("*.jsonl")):
+        raise ValueError(f"{output / PARTIAL} holds results without a record of their settings ({RUN_CONFIG}); use another output folder")
     elif write:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, config)

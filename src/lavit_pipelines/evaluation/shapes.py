@@ -31,7 +31,7 @@ from ..worlds.shapes import (
     render,
     single_scene,
 )
-from .runner import load_pipelines, run_sharded, start_run, write_json
+from .runner import folder_identity, load_pipelines, run_sharded, start_run, write_json
 
 # Question prefix -> category of the shapes world's questions.
 QUESTION_CATEGORIES = {"what color": "color", "how many": "count", "where is": "position", "what shape": "left_shape"}
@@ -169,8 +169,8 @@ def evaluate_shapes(
     if num_prompts < 1 or num_scenes < 1:
         raise ValueError(f"`num_prompts` and `num_scenes` must be positive, got {num_prompts} and {num_scenes}.")
     kwargs = generation_kwargs or {}
-    config = {"task": "shapes", "model": str(model_path), "num_prompts": num_prompts, "num_scenes": num_scenes,
-              "seed": seed, "batch_size": batch_size, **kwargs}
+    config = {"task": "shapes", "model": folder_identity(model_path), "num_prompts": num_prompts,
+              "num_scenes": num_scenes, "seed": seed, "dtype": str(dtype), "batch_size": batch_size, **kwargs}
     output = start_run(output, config)
     text2image, understanding = load_pipelines(model_path, device, dtype)
     for pipe in (text2image, understanding):

@@ -14,7 +14,10 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..pipelines.validation import check_token_limits
 from .metrics import fid_metric, frechet_distance
-from .runner import check_entries, load_text2image, read_json, run_sharded, start_run, write_json
+from .runner import (
+    check_entries, check_output_folder, file_digest, folder_identity, load_text2image, read_json, run_sharded,
+    start_run, write_json,
+)
 
 PROTOCOL = {
     "num_inference_steps": 50, "guidance_scale": 1.5, "llm_guidance_scale": 1.5, "top_k": 300, "top_p": 1.0,
@@ -61,14 +64,15 @@ class ClipRanker:
 def load_t2i_items(annotations: str | Path, images: str | Path | None, need_images: bool) -> list[dict]:
     """`[{"caption" (or "text"), "image"?}]` -> `[{"index", "caption", "path"?}]`, checked (real images: with `need_images`)."""
     entries = read_json(annotations, "--annotations")
-    check_entries(entries, (), annotations)
+    check_entries(entries, {}, annotations)
     for index, entry in enumerate(entries):
-        if "caption" not in entry and "text" not in entry:
-            raise ValueError(f"{annotations}: entry {index} has no 'caption' (or 'text'): {json.dumps(entry)[:200]}")
+        if not isinstance(entry.get("caption", entry.get("text")), str):
+            raise ValueError(f"{annotations}: entry {index}: 'caption' (or 'text') must be a str, got "
+                             f"{json.dumps(entry.get('caption', entry.get('text')))[:80]}")
     if need_images:
         if images is None:
             raise ValueError("FID needs the real images: pass --images (the folder of the annotations' 'image' paths)")
-        check_entries(entries, ("image",), annotations, Path(images))
+        check_entries(entries, {"image": str}, annotations, Path(images))
     return [
         {"index": index, "caption": entry.get("caption", entry.get("text")),
          "path": str(Path(images) / entry["image"]) if need_images else None}
@@ -111,6 +115,8 @@ def evaluate_text_to_image(
     `output/metrics.json` (`fid` when `fid_feature` is given: a feature module or the Inception weights file;
     `clip_score`, 100·max(cos, 0) averaged, when `clip` is given). Image j of caption i is seeded with
     `seed + i * num_images + j`. `generation_kwargs` override `PROTOCOL`. Returns the metrics on the main process."""
+    check_output_folder(output, {"--annotations": annotations, "--images": images, "--clip": clip,
+                                 "--inception-weights": fid_feature if isinstance(fid_feature, (str, Path)) else None})
     if num_images > 1 and clip is None:
         raise ValueError(f"choosing the best of {num_images} images needs a CLIP folder (--clip), or num_images=1")
     kwargs = {**PROTOCOL, **(generation_kwargs or {})}
@@ -118,8 +124,9 @@ def evaluate_text_to_image(
     items = load_t2i_items(annotations, images, need_images=fid_feature is not None)[:limit]
     fid = fid_metric(fid_feature).to(device) if fid_feature is not None else None
     ranker = ClipRanker(clip, device) if clip is not None else None
-    config = {"task": "t2i", "model": str(model_path), "annotations": str(annotations), "clip": str(clip),
-              "num_images": num_images, "seed": seed, "batch_size": batch_size, **kwargs}
+    config = {"task": "t2i", "model": folder_identity(model_path), "annotations": file_digest(annotations),
+              "clip": folder_identity(clip), "num_images": num_images, "seed": seed, "dtype": str(dtype),
+              "batch_size": batch_size, **kwargs}
     output = start_run(output, config)
     (output / "images").mkdir(exist_ok=True)
     pipe = load_text2image(model_path, device, dtype)

@@ -12,7 +12,10 @@ import torch
 
 from ..pipelines.understanding import lemmatize_answers, load_lemmatizer
 from .metrics import gqa_accuracy, vqa_accuracy
-from .runner import check_entries, load_understanding, read_json, run_sharded, start_run, unique_by, write_json
+from .runner import (
+    check_entries, check_output_folder, file_digest, folder_identity, load_understanding, read_json, run_sharded,
+    start_run, write_json,
+)
 
 DATASETS = ("vqav2", "okvqa", "vizwiz", "gqa")
 VIZWIZ_JUDGE_PROMPT = 'Is the question: "{}" answerable?'
@@ -34,8 +37,9 @@ def _official_items(questions: dict, questions_path, ground_truth) -> list[dict]
     annotations = read_json(ground_truth, "--ground-truth")
     if not isinstance(annotations, dict) or "annotations" not in annotations:
         raise ValueError(f"{ground_truth}: expected an official VQA annotation file with an 'annotations' list")
-    check_entries(questions["questions"], ("question_id", "image_id", "question"), questions_path)
-    check_entries(annotations["annotations"], ("question_id", "answers"), ground_truth)
+    check_entries(questions["questions"], {"question_id": int, "image_id": int, "question": str}, questions_path,
+                  key="question_id")
+    check_entries(annotations["annotations"], {"question_id": int, "answers": list}, ground_truth, key="question_id")
     by_id = {entry["question_id"]: entry for entry in annotations["annotations"]}
     subtype = questions.get("data_subtype", "val2014")
     entries = []
@@ -53,7 +57,7 @@ def _official_items(questions: dict, questions_path, ground_truth) -> list[dict]
 def _vizwiz_items(entries: list, path) -> list[dict]:
     """VizWiz's own format `[{"image", "question", "answers": [{"answer", ...}], "answer_type"}]`: question ids
     are the entry indices."""
-    check_entries(entries, ("image", "question", "answers"), path)
+    check_entries(entries, {"image": str, "question": str, "answers": list}, path)
     return [{**e, "question_id": e.get("question_id", i), "answer": [a["answer"] for a in e["answers"]]} for i, e in enumerate(entries)]
 
 
@@ -78,11 +82,14 @@ def load_vqa_items(annotations: str | Path, images: str | Path, dataset: str, gr
         entries = _vizwiz_items(data, annotations)
     else:
         entries = data
-    check_entries(entries, ("question_id", "image", "question", "answer"), annotations, images)
+    check_entries(entries, {"question_id": (int, str), "image": str, "question": str, "answer": (list, str)}, annotations,
+                  images, key="question_id")
     expected = str if dataset == "gqa" else list
     for index, entry in enumerate(entries):
-        if not isinstance(entry["answer"], expected):
-            raise ValueError(f"{annotations}: entry {index}: 'answer' must be a {expected.__name__} for {dataset}")
+        answers = [entry["answer"]] if isinstance(entry["answer"], str) else entry["answer"]
+        if not isinstance(entry["answer"], expected) or not all(isinstance(answer, str) for answer in answers):
+            raise ValueError(f"{annotations}: entry {index} (question_id {entry['question_id']!r}): 'answer' must be a "
+                             f"{'str' if expected is str else 'list of str'} for {dataset}")
     return [
         {"question_id": e["question_id"], "path": str(images / e["image"]), "question": clean_question(e["question"]),
          "answer": e["answer"], "answer_type": e.get("answer_type")}
@@ -142,13 +149,15 @@ def evaluate_vqa(
     """Answer every question of `annotations` (the first `limit`), write `output/predictions.json`
     (`[{"question_id", "answer"}]`) and `output/metrics.json`; returns the metrics on the main process, None on the
     others. `lemmatize=False` skips spaCy (a deviation from the original, recorded in the metrics)."""
-    items = unique_by(load_vqa_items(annotations, images, dataset, ground_truth)[:limit], "question_id")
+    check_output_folder(output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images})
+    items = load_vqa_items(annotations, images, dataset, ground_truth)[:limit]
     try:
         lemmatizer = load_lemmatizer() if lemmatize else None
     except (ImportError, ValueError) as error:
         raise type(error)(f"{error} (or skip it, a deviation from the original: --no-lemmatize)") from error
-    config = {"task": "vqa", "model": str(model_path), "annotations": str(annotations), "dataset": dataset,
-              "lemmatize": lemmatize, "seed": seed, "batch_size": batch_size}
+    config = {"task": "vqa", "model": folder_identity(model_path), "images": folder_identity(images),
+              "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "dataset": dataset,
+              "lemmatize": lemmatize, "seed": seed, "dtype": str(dtype), "batch_size": batch_size}
     output = start_run(output, config)
     pipe = load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)

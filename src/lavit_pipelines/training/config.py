@@ -5,8 +5,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from diffusers.optimization import SchedulerType
-
 STAGES = ("visual-tokenizer", "pixel-decoder", "language-model")
 LORA_STAGES = ("pixel-decoder", "language-model")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -158,6 +156,8 @@ class TrainingConfig:
         for name in ("codebook_decay", "ema_decay"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in (0, 1), got {getattr(self, name)!r}.")
+        from diffusers.optimization import SchedulerType  # here: `lavit --help` imports this module, not diffusers
+
         schedulers = [kind.value for kind in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"`lr_scheduler` must be one of diffusers' {schedulers}, got {self.lr_scheduler!r}.")
