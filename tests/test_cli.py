@@ -149,3 +149,20 @@ def test_prompt_file_sharded_across_two_processes(tmp_path):
     for name in names:  # float sums may round one grey level apart between two processes and one
         one, two = (np.asarray(PIL.Image.open(tmp_path / run / name), dtype=np.int16) for run in ("one", "two"))
         assert np.abs(one - two).max() <= 1
+
+
+REFUSAL_IMPORTS = """
+import sys
+from lavit_pipelines.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("output", ["folder", "folder.png"])
+def test_generate_refuses_an_existing_folder_as_output_before_importing_torch(tmp_path, output):
+    (tmp_path / output).mkdir()
+    result = subprocess.run([sys.executable, "-c", REFUSAL_IMPORTS, "generate", "a red circle", "--output",
+                             str(tmp_path / output)], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "2 []"
+    assert result.stderr.startswith("lavit generate: error: --output") and result.stderr.count("\n") == 1

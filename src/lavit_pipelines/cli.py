@@ -284,8 +284,7 @@ def check_floats(args, names: tuple[str, ...]) -> None:
 
 
 def check_generate(args) -> None:
-    image_size(args)
-    check_floats(args, ("guidance_scale", "llm_guidance_scale"))
+    """The paths first (before torch is imported: a wrong --output costs nothing), then sizes and floats."""
     if args.prompts:
         if args.prompt or args.output or args.image:
             raise UsageError("--prompts takes no PROMPT, --output or --image; use --output-dir")
@@ -296,14 +295,16 @@ def check_generate(args) -> None:
         if not read_prompts(args.prompts):
             raise UsageError(f"--prompts: {args.prompts!r} holds no prompt")
         check_output_dir(args.output_dir)
-        return
-    if not args.prompt:
-        raise UsageError("a PROMPT (or --prompts FILE --output-dir DIR) is required")
-    check_output(args.output, count=args.num_images)
-    for path in args.image:
-        check_image_file(path, "--image")
-    if args.prompt.count("<image>") != len(args.image):
-        raise UsageError(f"the prompt has {args.prompt.count('<image>')} <image> placeholders but {len(args.image)} --image files")
+    else:
+        if not args.prompt:
+            raise UsageError("a PROMPT (or --prompts FILE --output-dir DIR) is required")
+        check_output(args.output, count=args.num_images)
+        if args.prompt.count("<image>") != len(args.image):
+            raise UsageError(f"the prompt has {args.prompt.count('<image>')} <image> placeholders but {len(args.image)} --image files")
+        for path in args.image:
+            check_image_file(path, "--image")
+    image_size(args)
+    check_floats(args, ("guidance_scale", "llm_guidance_scale"))
 
 
 def read_prompts(path: str) -> list[str]:
