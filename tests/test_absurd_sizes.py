@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 from lavit_pipelines.tiny import build_tiny_components
@@ -48,3 +49,17 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(save
         pipeline_cls.from_pretrained(folder)
     message = str(raised.value)
     assert f"`{component}`" in message and "far more than its weights hold" in message and "\n" not in message
+
+
+def test_an_image_size_that_cannot_fit_memory_is_refused_before_any_model_runs(saved):
+    """65536² on a model that draws 64²: refused with the estimate and what is available, before the pixel decoder,
+    the UNet or the VAE run (or the latents are allocated)."""
+    from conftest import ModelRan, forbid  # noqa: F401 - ModelRan is what a model that runs would raise
+
+    pipe = LavitText2ImagePipeline.from_pretrained(saved)
+    forbid(pipe.pixel_decoder, pipe.unet, pipe.vae)
+    with pytest.raises(ValueError) as raised:
+        pipe(visual_token_ids=[torch.arange(3, 40)], height=65536, width=65536, num_inference_steps=2)
+    message = str(raised.value)
+    assert message.startswith("`height`×`width` 65536×65536: decoding one image needs at least")
+    assert "GiB is available" in message and "draws 64×64 by default" in message

@@ -22,6 +22,7 @@ from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor, images_per_prompt
 from .base import LavitPipelineMixin, read_model_index
 from .lora import LavitLoraLoaderMixin
+from .memory import check_image_memory
 from .outputs import LavitText2ImagePipelineOutput
 from .textual_inversion import LavitTextualInversionLoaderMixin
 from .validation import (
@@ -244,6 +245,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("`latents` must hold finite values, found NaN or infinity.")
         check_generator(generator, batch)
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        check_image_memory(self.vae, height, width, self._execution_device, default_size)
         return checked
 
     def check_schedule(self, timesteps, sigmas) -> None:
