@@ -166,3 +166,19 @@ def test_generate_refuses_an_existing_folder_as_output_before_importing_torch(tm
                              str(tmp_path / output)], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines()[-1] == "2 []"
     assert result.stderr.startswith("lavit generate: error: --output") and result.stderr.count("\n") == 1
+
+
+def test_ask_refuses_a_question_longer_than_the_context_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import PIL.Image
+
+    from lavit_pipelines import LavitUnderstandingPipeline
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(LavitUnderstandingPipeline, "from_pretrained", loading)
+    image = tmp_path / "image.png"
+    PIL.Image.new("RGB", (64, 64), "white").save(image)
+    assert main(["ask", str(image), "what colour is the circle? " * 2000]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavit ask: error: `prompt` (") and "token context" in err and err.count("\n") == 1

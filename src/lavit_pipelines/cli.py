@@ -326,11 +326,16 @@ def resolve_device_and_dtype(args):
     return device, getattr(torch, dtype)
 
 
-def load_pipeline(pipeline_cls, args, device=None, **kwargs):
-    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+def model_source(args) -> str:
+    """--model, or the embedded demo model."""
     from .demo import default_model_path
 
-    source = args.model or default_model_path()
+    return args.model or str(default_model_path())
+
+
+def load_pipeline(pipeline_cls, args, device=None, **kwargs):
+    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+    source = model_source(args)
     default_device, dtype = resolve_device_and_dtype(args)
     if getattr(args, "lora", None):
         pipeline_cls.checked_lora_state_dict(args.lora)  # before any model loads
@@ -410,11 +415,14 @@ def run_generate_many(args) -> None:
 def run_understanding(args) -> None:
     import torch
 
-    from .pipelines.understanding import LavitUnderstandingPipeline
+    from .pipelines.understanding import ANSWER_DEFAULTS, VQA_PROMPT, LavitUnderstandingPipeline
 
     images = args.image if args.command == "caption" else [args.image]
     for path in images:
         check_image_file(path, "IMAGE")
+    if args.command == "ask":  # a question too long for the context is refused before the models load
+        LavitUnderstandingPipeline.check_prompt_fits(model_source(args), VQA_PROMPT.format(args.question),
+                                                     ANSWER_DEFAULTS["max_new_tokens"])
     pipe = load_pipeline(LavitUnderstandingPipeline, args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "caption":
@@ -440,10 +448,9 @@ def run_evaluate(args) -> None:
     """One evaluation; under `accelerate launch` each process takes its share and the main one prints the metrics."""
     import json
 
-    from .demo import default_model_path
     from .distributed import leave_together, process_state
 
-    args.model = args.model or str(default_model_path())
+    args.model = model_source(args)
     state = process_state()
     device, dtype = resolve_device_and_dtype(args)
     device = args.device or (str(state.device) if state.num_processes > 1 else device)

@@ -2,6 +2,9 @@
 
 import contextlib
 import copy
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from ..image_processor import ImageInput, LavitImageProcessor
 from ..models.language_model import LavitForCausalLM
 from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor
-from .base import LavitPipelineMixin
+from .base import LavitPipelineMixin, read_model_index, resolve_component_class
 from .lora import LANGUAGE_MODEL, LavitLoraLoaderMixin
 from .outputs import LavitUnderstandingPipelineOutput
 from .textual_inversion import LavitTextualInversionLoaderMixin
@@ -84,6 +87,22 @@ def load_lemmatizer():
 def lemmatize_answers(answers: list[str], nlp) -> list[str]:
     """The original's answer lemmatisation: lower-case, nouns and verbs replaced by their lemma, space-joined."""
     return [" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(a.lower())) for a in answers]
+
+
+def image_token_limit(vision_config) -> int:
+    """The most LLM positions an image takes: one feature per patch, plus [IMG] and [/IMG]."""
+    return (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 2
+
+
+def check_context_fits(text_ids, prompts: list[str] | None, max_new_tokens: int, image_tokens: int, context: int) -> None:
+    """ValueError when the longest of `prompts` (`text_ids`: text -> token ids), an image of `image_tokens`
+    positions and `max_new_tokens` exceed the `context` of the language model."""
+    longest = max((len(text_ids(p)) for p in prompts or []), default=0)
+    if longest + image_tokens + max_new_tokens > context:
+        raise ValueError(
+            f"`prompt` ({longest} tokens) + the image (up to {image_tokens}) + `max_new_tokens` ({max_new_tokens}) "
+            f"exceed the language model's {context}-token context; shorten the prompt or lower `max_new_tokens`."
+        )
 
 
 class _SuppressIdRange(LogitsProcessor):
@@ -222,17 +241,28 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
         return prompts
 
     def check_context(self, prompts: list[str] | None, max_new_tokens: int) -> None:
-        """ValueError when the longest prompt, an image (at most one feature per patch, plus [IMG] and [/IMG]) and
-        `max_new_tokens` do not fit the language model's context."""
-        vision = self.visual_tokenizer.config
-        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 2
-        longest = max((len(self.processor.text_ids(p)) for p in prompts or []), default=0)
-        context = self.language_model.config.max_position_embeddings
-        if longest + image_tokens + max_new_tokens > context:
-            raise ValueError(
-                f"`prompt` ({longest} tokens) + the image (up to {image_tokens}) + `max_new_tokens` ({max_new_tokens}) "
-                f"exceed the language model's {context}-token context; shorten the prompt or lower `max_new_tokens`."
-            )
+        """ValueError when the longest prompt, an image and `max_new_tokens` do not fit the language model's context."""
+        check_context_fits(self.processor.text_ids, prompts, max_new_tokens, image_token_limit(self.visual_tokenizer.config),
+                           self.language_model.config.max_position_embeddings)
+
+    @classmethod
+    def check_prompt_fits(cls, folder: str | os.PathLike, prompt, max_new_tokens: int) -> None:
+        """`check_context` from a local pipeline folder's tokenizer and configs alone, before any model loads (a Hub
+        id is checked once the pipeline is loaded)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return
+        index_path = folder / "model_index.json"
+        tokenizer_cls = resolve_component_class("tokenizer", read_model_index(folder).get("tokenizer"), index_path, None)
+        configs = {}
+        for name in ("visual_tokenizer", "language_model"):
+            try:
+                configs[name] = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"The component `{name}`: {folder / name / 'config.json'} is not readable ({error}).") from None
+        tokenizer = tokenizer_cls.from_pretrained(folder / "tokenizer")
+        check_context_fits(lambda text: tokenizer(text, add_special_tokens=False).input_ids, [prompt], max_new_tokens,
+                           image_token_limit(configs["visual_tokenizer"]), configs["language_model"]["max_position_embeddings"])
 
     def encode_images(self, image, generator: torch.Generator | list[torch.Generator] | None = None) -> list[torch.Tensor]:
         """Images (one call to the visual tokenizer for the whole batch) -> per image (n_i, llm_dim) features."""
