@@ -176,3 +176,25 @@ def test_generic_diffusion_pipeline_loader_runs_nothing_from_the_folder(tmp_path
     with pytest.raises(AttributeError, match="LavitText2ImagePipeline"):
         DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(LavitText2ImagePipeline.from_pretrained(tmp_path)) is LavitText2ImagePipeline
+
+
+@pytest.mark.parametrize("source", ["visual_token_ids", "prompt"])
+def test_many_images_run_in_batches_with_the_same_results(source, capsys):
+    """`max_batch_size` (by default what the memory available holds) splits the images into batches, each with its
+    progress bars; with one generator per image, the visual tokens and images do not depend on the batches."""
+    pipe = LavitText2ImagePipeline(**build_tiny_components())
+    given = {"visual_token_ids": [CODES[0]]} if source == "visual_token_ids" else {"prompt": "a duck", "max_new_tokens": 30,
+                                                                                   "min_new_tokens": 2}
+
+    def run(max_batch_size):
+        generators = [torch.Generator().manual_seed(i) for i in range(5)]
+        return pipe(**given, num_images_per_prompt=5, generator=generators, num_inference_steps=2, output_type="np",
+                    max_batch_size=max_batch_size)
+
+    whole = run(None)
+    capsys.readouterr()
+    for max_batch_size in (1, 2):
+        batched = run(max_batch_size)
+        assert np.abs(batched.images - whole.images).max() < 1e-4 and batched.images.shape == (5, 64, 64, 3)
+        assert all(torch.equal(a, b) for a, b in zip(batched.visual_token_ids, whole.visual_token_ids))
+        assert capsys.readouterr().err.count("| 0/2 [") == -(-5 // max_batch_size)  # one denoising bar per batch

@@ -22,7 +22,7 @@ from ..models.visual_tokenizer import LavitVisualTokenizer
 from ..processing import LavitProcessor, images_per_prompt
 from .base import LavitPipelineMixin, read_model_index
 from .lora import LavitLoraLoaderMixin
-from .memory import check_image_memory
+from .memory import check_image_memory, images_per_batch
 from .outputs import LavitText2ImagePipelineOutput
 from .textual_inversion import LavitTextualInversionLoaderMixin
 from .validation import (
@@ -60,6 +60,21 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", visual_tokenizer=None)
         ```
 """
+
+
+def row_batches(rows: int, batch_size: int | None) -> list[slice]:
+    """Slices cutting `rows` images into batches of at most `batch_size` (None: one batch)."""
+    step = batch_size or max(rows, 1)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def concatenate(batches: list):
+    """Outputs of several batches as one: PIL lists joined, arrays and tensors concatenated along the batch."""
+    if isinstance(batches[0], list):
+        return [image for batch in batches for image in batch]
+    if isinstance(batches[0], np.ndarray):
+        return np.concatenate(batches)
+    return torch.cat(batches)
 
 
 class PromptInputs(NamedTuple):
@@ -352,8 +367,11 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         generator: torch.Generator | list[torch.Generator] | None = None,
         cache_implementation: str = "dynamic",
         compile: bool = False,
+        max_batch_size: int | None = None,
     ) -> list[torch.Tensor]:
-        """The language-model stage alone: prompts -> per image a LongTensor of codebook indices.
+        """The language-model stage alone: prompts -> per image a LongTensor of codebook indices, sampled in batches
+        of at most `max_batch_size` images (None: all at once); with one generator per image the codes do not
+        depend on the batches.
 
         `llm_guidance_scale` defaults to 4.0 for text prompts and 5.0 when the prompts hold images; the token limits
         to `default_token_limits`.
@@ -364,32 +382,36 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
             prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
         )
         return self._generate_visual_tokens(
-            checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator, cache_implementation, compile
+            checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator, cache_implementation, compile,
+            max_batch_size,
         )
 
     def _generate_visual_tokens(
         self, checked: PromptInputs, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
-        cache_implementation: str = "dynamic", compile: bool = False,
+        cache_implementation: str = "dynamic", compile: bool = False, max_batch_size: int | None = None,
     ) -> list[torch.Tensor]:
         """`generate_visual_tokens` on inputs that `check_prompt_inputs` has checked."""
         encoded = self.encode_prompt(checked.prompts, checked.images, checked.max_new_tokens, generator)
         rows = [ids for ids in encoded for _ in range(num_images_per_prompt)]
-        with self.progress_bar(total=checked.max_new_tokens, desc="visual tokens") as progress:
-            generated = self.language_model.sample_visual_tokens(
-                rows,
-                pad_token_id=self.processor.pad_token_id,
-                guidance_scale=checked.llm_guidance_scale,
-                min_new_tokens=checked.min_new_tokens,
-                max_new_tokens=checked.max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-                progress_bar=progress,
-                cache_implementation=cache_implementation,
-                compile=compile,
-            )
+        batches = row_batches(len(rows), max_batch_size)
+        generated = []
+        with self.progress_bar(total=checked.max_new_tokens * len(batches), desc="visual tokens") as progress:
+            for batch in batches:
+                generated += self.language_model.sample_visual_tokens(
+                    rows[batch],
+                    pad_token_id=self.processor.pad_token_id,
+                    guidance_scale=checked.llm_guidance_scale,
+                    min_new_tokens=checked.min_new_tokens,
+                    max_new_tokens=checked.max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator[batch] if isinstance(generator, list) else generator,
+                    progress_bar=progress,
+                    cache_implementation=cache_implementation,
+                    compile=compile,
+                )
             progress.total = progress.n  # the images ended after this many tokens: the bar ends full
         codes = [self.language_model.token_ids_to_codes(row) for row in generated]
         check_generated_codes(checked.prompts, codes, num_images_per_prompt)
@@ -507,6 +529,23 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         clip_input = self.feature_extractor(pil, return_tensors="pt").pixel_values.to(self._execution_device, dtype)
         return self.safety_checker(images=image, clip_input=clip_input)
 
+    def decode_visual_tokens(self, visual_token_ids, height, width, num_inference_steps, timesteps, sigmas, generator,
+                             latents, eta, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """One batch of the diffusion stage: codes per image -> (images in `output_type`, NSFW flags or None)."""
+        device = self._execution_device
+        conditioning = self.prepare_conditioning(self.encode_visual_tokens(visual_token_ids), height, width)
+        dtype = conditioning["prompt_embeds"].dtype
+        timesteps = self.set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        latents = self.prepare_latents(len(visual_token_ids), height, width, dtype, device, generator, latents)
+        latents = self.denoise(
+            latents, conditioning, timesteps, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        if output_type == "latent":
+            return latents, None
+        images, nsfw = self.run_safety_checker(self.decode_latents(latents), dtype)
+        denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
+        return self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize), nsfw
+
     # ------------------------------------------------------------------ call
 
     @torch.no_grad()
@@ -538,6 +577,7 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature, never mutated
         llm_decoding_kwargs: dict | None = None,
+        max_batch_size: int | None = None,
     ) -> LavitText2ImagePipelineOutput | tuple:
         r"""Generate images from prompts, or decode given visual tokens.
 
@@ -576,6 +616,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
                 names; under guidance the negative rows come first).
             llm_decoding_kwargs: passed to `generate_visual_tokens`: `cache_implementation` ("dynamic" or
                 "static") and `compile`.
+            max_batch_size: images sampled and decoded per batch (each batch with its own progress bars); None: as
+                many as fit the memory available (`pipelines/memory.py`). With one generator per image the results do
+                not depend on the batches.
 
         Examples:
 
@@ -584,6 +627,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
                 `(images, visual_token_ids)` with `return_dict=False`.
         """
         self.check_schedule(timesteps, sigmas)
+        if max_batch_size is not None:
+            check_positive_int("max_batch_size", max_batch_size)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor
@@ -598,28 +643,24 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         self._interrupt = False
         device = self._execution_device
 
+        batch_size = max_batch_size or images_per_batch(self.vae, height, width, device)
         if visual_token_ids is None:
             visual_token_ids = self._generate_visual_tokens(
                 checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
-                **(llm_decoding_kwargs or {}),
+                max_batch_size=batch_size, **(llm_decoding_kwargs or {}),
             )
         else:
             visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]
-        conditioning = self.prepare_conditioning(self.encode_visual_tokens(visual_token_ids), height, width)
-        dtype = conditioning["prompt_embeds"].dtype
-        timesteps = self.set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        latents = self.prepare_latents(len(visual_token_ids), height, width, dtype, device, generator, latents)
-        latents = self.denoise(
-            latents, conditioning, timesteps, generator, eta, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-
-        nsfw = None
-        if output_type == "latent":
-            images = latents
-        else:
-            images, nsfw = self.run_safety_checker(self.decode_latents(latents), dtype)
-            denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
-            images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
+        decoded = [
+            self.decode_visual_tokens(
+                visual_token_ids[batch], height, width, num_inference_steps, timesteps, sigmas,
+                generator[batch] if isinstance(generator, list) else generator, None if latents is None else latents[batch],
+                eta, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
+            for batch in row_batches(len(visual_token_ids), batch_size)
+        ]
+        images = concatenate([images for images, _ in decoded])
+        nsfw = None if decoded[0][1] is None else [flag for _, flags in decoded for flag in flags]
         self.maybe_free_model_hooks()
         visual_token_ids = [ids.cpu() for ids in visual_token_ids]
         if not return_dict:
