@@ -174,8 +174,8 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
 
 def test_caption_run_resumes_after_an_interruption(data, tmp_path):
     out = tmp_path / "caption"
-    evaluate_captioning(tiny_pipeline_path(), data / "caption.json", data / "images", data / "caption_gt.json", out,
-                        batch_size=1, limit=1, metrics=("Bleu", "CIDEr"))
+    evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",
+                        ground_truth=data / "caption_gt.json", output=out, batch_size=1, limit=1, metrics=("Bleu", "CIDEr"))
     # an interrupted run: image 0 done (its caption marked, to see that it is kept), the line of image 1 cut
     (out / PARTIAL / "predictions-rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
     scores = evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",

@@ -39,8 +39,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def caption(data, output, annotations=None, ground_truth=None, images=None):
-    return evaluate_captioning(NO_MODEL, annotations or data / "caption.json", images or data / "images",
-                               ground_truth or data / "caption_gt.json", output)
+    return evaluate_captioning(NO_MODEL, annotations=annotations or data / "caption.json", images=images or data / "images",
+                               ground_truth=ground_truth or data / "caption_gt.json", output=output)
 
 
 @pytest.mark.parametrize("where", ["annotations", "ground_truth", "folder of annotations", "folder of ground truth",
@@ -71,7 +71,8 @@ def test_cli_refuses_the_annotations_file_as_output(data, tmp_path, capsys):
 def vqa_run(data, tmp_path_factory) -> Path:
     """A finished VQA run of the tiny model on the first question."""
     output = tmp_path_factory.mktemp("vqa") / "out"
-    evaluate_vqa(tiny_pipeline_path(), data / "vqa.json", data / "images", output, lemmatize=False, batch_size=1, limit=1)
+    evaluate_vqa(tiny_pipeline_path(), annotations=data / "vqa.json", images=data / "images", output=output, lemmatize=False,
+                 batch_size=1, limit=1)
     return output
 
 
@@ -104,7 +105,8 @@ def test_resuming_with_other_settings_is_refused_naming_the_difference(data, vqa
     shutil.copytree(vqa_run, output)
     settings = {"seed": 1 if change == "seed" else 0, "dtype": torch.bfloat16 if change == "dtype" else torch.float32}
     with pytest.raises(ValueError, match=f"other settings \\({named}"):
-        evaluate_vqa(model, annotations, images, output, lemmatize=False, batch_size=1, limit=1, **settings)
+        evaluate_vqa(model, annotations=annotations, images=images, output=output, lemmatize=False, batch_size=1, limit=1,
+                     **settings)
 
 
 BAD_VQA = [
@@ -127,7 +129,7 @@ def test_malformed_vqa_entries_are_named(data, tmp_path, entries, message):
     annotations = tmp_path / "bad.json"
     annotations.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=message):
-        evaluate_vqa(NO_MODEL, annotations, data / "images", tmp_path / "out", lemmatize=False)
+        evaluate_vqa(NO_MODEL, annotations=annotations, images=data / "images", output=tmp_path / "out", lemmatize=False)
 
 
 def test_malformed_caption_and_t2i_entries_are_named(data, tmp_path):
@@ -140,7 +142,7 @@ def test_malformed_caption_and_t2i_entries_are_named(data, tmp_path):
         caption(data, tmp_path / "out", ground_truth=bad)
     bad.write_text(json.dumps([{"caption": "a red circle"}, {"caption": None}]))
     with pytest.raises(ValueError, match=r"bad.json: entry 1: 'caption' \(or 'text'\) must be a str, got null"):
-        evaluate_text_to_image(NO_MODEL, bad, tmp_path / "out", num_images=1)
+        evaluate_text_to_image(NO_MODEL, annotations=bad, output=tmp_path / "out", num_images=1)
 
 
 def test_caption_metric_packages_are_checked_before_the_model(data, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ resuming that starts fresh only when there is nothing to resume and never retrai
 data files that are named when they cannot be used, and a run's output never read as data."""
 
 import json
-import os
 from pathlib import Path
 
 import PIL.Image

@@ -415,7 +415,11 @@ def run_generate_many(args) -> None:
 def run_understanding(args) -> None:
     import torch
 
-    from .pipelines.understanding import ANSWER_DEFAULTS, VQA_PROMPT, LavitUnderstandingPipeline
+    from .pipelines.understanding import (
+        ANSWER_DEFAULTS,
+        VQA_PROMPT,
+        LavitUnderstandingPipeline,
+    )
 
     images = args.image if args.command == "caption" else [args.image]
     for path in images:

@@ -67,7 +67,7 @@ def load_t2i_items(annotations: str | Path, images: str | Path | None, need_imag
     check_entries(entries, {}, annotations)
     for index, entry in enumerate(entries):
         if not isinstance(entry.get("caption", entry.get("text")), str):
-            raise ValueError(f"{annotations}: entry {index}: 'caption' (or 'text') must be a str, got "
+            raise ValueError(f"{annotations}: entry {index}: 'caption' (or 'text') must be a str, got "  # noqa: TRY004 - file content
                              f"{json.dumps(entry.get('caption', entry.get('text')))[:80]}")
     if need_images:
         if images is None:

@@ -156,7 +156,9 @@ class TrainingConfig:
         for name in ("codebook_decay", "ema_decay"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in (0, 1), got {getattr(self, name)!r}.")
-        from diffusers.optimization import SchedulerType  # here: `lavit --help` imports this module, not diffusers
+        from diffusers.optimization import (
+            SchedulerType,  # here: `lavit --help` imports this module, not diffusers
+        )
 
         schedulers = [kind.value for kind in SchedulerType]
         if self.lr_scheduler not in schedulers:
