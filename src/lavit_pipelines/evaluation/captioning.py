@@ -10,8 +10,15 @@ import torch
 
 from .metrics import CAPTION_METRICS, caption_scores, check_caption_metrics
 from .runner import (
-    check_entries, check_output_folder, file_digest, folder_identity, load_understanding, read_json, run_sharded,
-    start_run, write_json,
+    check_entries,
+    check_output_folder,
+    file_digest,
+    folder_identity,
+    load_understanding,
+    read_json,
+    run_sharded,
+    start_run,
+    write_json,
 )
 
 

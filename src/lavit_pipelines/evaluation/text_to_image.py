@@ -15,8 +15,15 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..pipelines.validation import check_token_limits
 from .metrics import fid_metric, frechet_distance
 from .runner import (
-    check_entries, check_output_folder, file_digest, folder_identity, load_text2image, read_json, run_sharded,
-    start_run, write_json,
+    check_entries,
+    check_output_folder,
+    file_digest,
+    folder_identity,
+    load_text2image,
+    read_json,
+    run_sharded,
+    start_run,
+    write_json,
 )
 
 PROTOCOL = {

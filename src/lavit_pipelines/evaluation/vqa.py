@@ -13,8 +13,15 @@ import torch
 from ..pipelines.understanding import lemmatize_answers, load_lemmatizer
 from .metrics import gqa_accuracy, vqa_accuracy
 from .runner import (
-    check_entries, check_output_folder, file_digest, folder_identity, load_understanding, read_json, run_sharded,
-    start_run, write_json,
+    check_entries,
+    check_output_folder,
+    file_digest,
+    folder_identity,
+    load_understanding,
+    read_json,
+    run_sharded,
+    start_run,
+    write_json,
 )
 
 DATASETS = ("vqav2", "okvqa", "vizwiz", "gqa")

@@ -4,6 +4,7 @@ import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionMixin, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
