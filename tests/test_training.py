@@ -302,7 +302,7 @@ def test_bad_settings_and_an_occupied_output_fail_before_training(training_base,
         stage_config("pixel-decoder", training_base, training_data, tmp_path / "out", batch_size=0)
     with pytest.raises(FileNotFoundError, match="`model`"):
         stage_config("pixel-decoder", tmp_path / "nowhere", training_data, tmp_path / "out")
-    with pytest.raises(ValueError, match="`snr_gamma` must be positive or None"):
+    with pytest.raises(ValueError, match="`snr_gamma` must be a finite positive number or None"):
         stage_config("pixel-decoder", training_base, training_data, tmp_path / "out", snr_gamma=0.0)
     occupied = tmp_path / "occupied"
     occupied.mkdir()

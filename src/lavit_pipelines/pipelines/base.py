@@ -22,8 +22,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-# Files of a converted folder that loading needs (weights in safetensors, or `.bin` as `safe_serialization=False` saves).
-_COMPONENT_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")
+# Files of a converted folder that a Hub download fetches (weights in safetensors only: never a release's `.bin`).
+_COMPONENT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")
 WEIGHT_FORMATS = ("safetensors", "bin")  # in the order diffusers and transformers prefer them
 
 MODEL_CARD = """
