@@ -69,6 +69,3 @@ def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*args, "--num-scenes", "2"]) == 2
     assert "other settings (num_scenes: 1 recorded, 2 now)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["evaluate", "shapes", "--output", str(tmp_path / "x")])
-    assert "the following arguments are required: --model" in capsys.readouterr().err
