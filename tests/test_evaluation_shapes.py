@@ -4,8 +4,6 @@ end-to-end run on the embedded tiny model through the CLI."""
 import json
 from collections import Counter
 
-import pytest
-
 from lavit_pipelines.cli import main
 from lavit_pipelines.evaluation import shapes as bench
 from lavit_pipelines.tiny import tiny_pipeline_path
