@@ -14,6 +14,8 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_PROMPT_CHARS = 10_000
+MAX_IMAGE_SIDE = 4096
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,11 +39,12 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
-    common.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
-    common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    common.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
+    loading.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    loading.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    loading.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
+    common = argparse.ArgumentParser(add_help=False, parents=[loading])
     common.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same output)")
 
     parser = argparse.ArgumentParser(prog="lavit", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
@@ -79,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("image", help="image file")
     rec.add_argument("--output", required=True, help="output image file (.png, .jpg, .webp)")
     rec.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+
+    app = add_command("app", parents=[loading], help="web app (Gradio) on one loaded model; needs the `app` extra")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
 
     conv = add_command("convert", help="release checkpoint (folder or Hub id) -> converted folder")
     conv.add_argument("src", help="release folder or Hub id (rain1011/LaVIT-7B-v2)")
@@ -257,8 +264,8 @@ def image_size(args) -> tuple[int | None, int | None]:
             raise UsageError(f"--aspect-ratio must be one of {', '.join(ASPECT_RATIO_SIZES)}, got {args.aspect_ratio!r}")
         return ASPECT_RATIO_SIZES[args.aspect_ratio]
     for name, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and value % 8:
-            raise UsageError(f"{name} must be a multiple of 8, got {value}")
+        if value is not None and (value % 8 or not 0 < value <= MAX_IMAGE_SIDE):
+            raise UsageError(f"{name} must be a multiple of 8 in [8, {MAX_IMAGE_SIDE}], got {value}")
     return args.height, args.width
 
 
@@ -283,9 +290,28 @@ def check_floats(args, names: tuple[str, ...]) -> None:
                 raise UsageError(str(error).rstrip(".")) from error
 
 
-def check_generate(args) -> None:
+def check_generation_settings(args) -> None:
+    """--height/--width/--aspect-ratio and the guidance scales."""
     image_size(args)
     check_floats(args, ("guidance_scale", "llm_guidance_scale"))
+
+
+def check_text(text: str, name: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UsageError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}")
+
+
+def check_prompt(prompt: str, images: list[str]) -> None:
+    """The prompt's length, and one decodable --image file per `<image>` placeholder."""
+    check_text(prompt, "PROMPT")
+    for path in images:
+        check_image_file(path, "--image")
+    if prompt.count("<image>") != len(images):
+        raise UsageError(f"the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} --image files")
+
+
+def check_generate(args) -> None:
+    check_generation_settings(args)
     if args.prompts:
         if args.prompt or args.output or args.image:
             raise UsageError("--prompts takes no PROMPT, --output or --image; use --output-dir")
@@ -300,10 +326,7 @@ def check_generate(args) -> None:
     if not args.prompt:
         raise UsageError("a PROMPT (or --prompts FILE --output-dir DIR) is required")
     check_output(args.output, count=args.num_images)
-    for path in args.image:
-        check_image_file(path, "--image")
-    if args.prompt.count("<image>") != len(args.image):
-        raise UsageError(f"the prompt has {args.prompt.count('<image>')} <image> placeholders but {len(args.image)} --image files")
+    check_prompt(args.prompt, args.image)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -367,10 +390,14 @@ def run_generate(args) -> None:
     import torch
 
     from .pipelines.text2image import LavitText2ImagePipeline
+    from .tokenization import unseen_words_warning
 
     if args.prompts:
         return run_generate_many(args)
     pipe = load_pipeline(LavitText2ImagePipeline, args, **({} if args.image else {"visual_tokenizer": None}))
+    warning = unseen_words_warning(pipe.tokenizer, args.prompt)
+    if warning:
+        print(f"lavit generate: warning: {warning}", file=sys.stderr)
     out = pipe(
         args.prompt, image=args.image or None, num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed), **generation_kwargs(args),
@@ -431,6 +458,14 @@ def run_reconstruct(args) -> None:
     out = pipe.reconstruct(args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
     save_image(out.images[0], output)
     print(output)
+
+
+def run_app(args) -> None:
+    try:
+        from .app import serve
+    except ImportError as error:
+        raise ImportError(f"{error.msg}; install the app extra: pip install 'lavit-pipelines[app]'") from error
+    serve(args)
 
 
 def run_evaluate(args) -> None:
@@ -524,7 +559,7 @@ def run_train(args) -> None:
 
 COMMANDS = {
     "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "convert": run_convert, "train": run_train, "evaluate": run_evaluate,
+    "reconstruct": run_reconstruct, "app": run_app, "convert": run_convert, "train": run_train, "evaluate": run_evaluate,
 }
 
 
