@@ -39,10 +39,13 @@ class TrainingConfig:
     checkpointing_steps: int = setting(500, "save a resumable checkpoint every so many steps")
     checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints (default: all)")
     validation_steps: int | None = setting(
-        None, "every so many steps (and before the first), the loss on a fixed batch and a sample (pixel decoder: a "
-              "reconstructed image; language model: a caption) go to logs.jsonl and OUT/validation/"
+        None, "every so many steps (and before the first), the loss on a fixed batch (language model: and a caption) "
+              "goes to logs.jsonl, and a grid of the first 4 dataset rows (text-to-image from their texts; visual "
+              "tokenizer: their reconstructions) to OUT/validation/step-N.png"
     )
-    validation_inference_steps: int = setting(25, "denoising steps of the validation reconstruction")
+    report_to: str | None = setting(None, "also send the logged values and validation grids to accelerate's "
+                                          "tracker(s): tensorboard, wandb, ... or all")
+    validation_inference_steps: int = setting(25, "denoising steps of the validation images")
     logging_steps: int = setting(10, "log the metrics every so many steps")
     lr_scheduler: str = setting("constant_with_warmup", "a diffusers learning-rate schedule name")
     lr_warmup_steps: int = setting(0, "warm-up steps of the schedule")
@@ -117,6 +120,8 @@ class TrainingConfig:
 
     def check(self) -> None:
         """ValueError naming the first setting that is out of range."""
+        from accelerate.utils import LoggerType
+
         if self.stage not in STAGES:
             raise ValueError(f"`stage` must be one of {STAGES}, got {self.stage!r}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -129,6 +134,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        trackers = [tracker.value for tracker in LoggerType]
+        if self.report_to is not None and self.report_to not in trackers:
+            raise ValueError(f"`report_to` must be one of {trackers}, got {self.report_to!r}.")
         if self.validation_steps is not None and self.validation_steps < 1:
             raise ValueError(f"`validation_steps` must be a positive integer or None, got {self.validation_steps!r}.")
         for name in ("target_keep_ratio", "condition_dropout", "understanding_ratio", "text_dropout"):
