@@ -5,7 +5,7 @@ inputs with the CLI's own checks (same one-line messages, under the CLI's option
 pipeline methods the CLI calls with the same arguments, so a tab and the matching `lavit` command give the same
 output for the same seed. One model is in memory (the text-to-image pipeline and an understanding pipeline on
 the same components); every tab is an API endpoint (`api_name`) and every request waits in Gradio's queue,
-one running at a time.
+one running at a time (all events share one concurrency slot).
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ MAX_STEPS = 200  # denoising steps per request
 QUEUE_SIZE = 64  # requests waiting at most; more are refused at once
 STREAM_TIMEOUT_S = 600  # an Ask answer that stalls this long ends the request
 DEMO_NOTE = (
-    "**The embedded demo model knows one small world** (`lavit_pipelines.worlds.shapes`): a circle, square or "
-    "triangle in {colors} on a white 64×64 canvas, alone (on the left, on the right, at the top, at the bottom, "
-    "in the center) or two different shapes side by side (`to the left of`) or stacked (`above`). Prompts are "
-    "captions of that world (`a red circle in the center`, `a blue triangle above a yellow square`); words "
-    "outside it get a warning. Questions: what color is the SHAPE?, how many shapes are there?, where is the "
-    "SHAPE?, what shape is on the left?"
+    "**The embedded demo model knows one small world** (`lavit_pipelines.worlds.shapes`): a {shapes} in {colors} "
+    "on a white {canvas}×{canvas} canvas, alone ({places}) or two different shapes side by side or stacked "
+    "({relations}). Prompts are captions of that world (`a red circle in the center`, `a blue triangle above a "
+    "yellow square`); words outside it get a warning. Questions: what color is the SHAPE?, how many shapes are "
+    "there?, where is the SHAPE?, what shape is on the left?"
 )
 GENERIC_PROMPTS = ["a sculpture of a duck made of wool", "a lighthouse on a cliff at sunset, oil painting"]
 
@@ -125,11 +124,13 @@ class LavitApp:
             check_text(question, "QUESTION")
             generator = seeded(seed)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
-        answer = []
+        outcome = {}
 
         def run():
             try:
-                answer.extend(self.understanding.answer(path, question, streamer=streamer, generator=generator))
+                outcome["answer"] = self.understanding.answer(path, question, streamer=streamer, generator=generator)[0]
+            except Exception as error:  # noqa: BLE001 - raised again in the request's thread
+                outcome["error"] = error
             finally:
                 streamer.end()
 
@@ -140,9 +141,10 @@ class LavitApp:
             text += piece
             yield text.strip()
         worker.join()
-        if not answer:
-            raise gr.Error("the model failed to answer; see the server's log")
-        yield answer[0]
+        if "error" in outcome:
+            with shown_as_error():
+                raise outcome["error"]
+        yield outcome["answer"]
 
     def reconstruct(self, image_file, seed: float, steps: float, progress=gr.Progress(track_tqdm=True)):
         """`lavit reconstruct IMAGE --seed SEED --steps STEPS`: (image, "N visual tokens")."""
@@ -188,7 +190,10 @@ class LavitApp:
         with gr.Blocks(title="LaVIT") as blocks:
             gr.Markdown("# LaVIT\nText and images in, images and text out, through dynamic discrete visual tokens.")
             if self.examples_folder is not None:
-                gr.Markdown(DEMO_NOTE.format(colors=", ".join(shapes.COLORS)))
+                gr.Markdown(DEMO_NOTE.format(
+                    shapes=" or ".join(shapes.SHAPES), colors=", ".join(shapes.COLORS), canvas=shapes.CANVAS,
+                    places=", ".join(shapes.PHRASES.values()), relations=", ".join(shapes.RELATIONS.values()),
+                ))
             with gr.Tab("Generate"):
                 with gr.Row():
                     with gr.Column():
@@ -254,7 +259,7 @@ class LavitApp:
                     gr.Examples([[path] for path, _ in scenes], inputs=[source], label="Scenes of the demo world")
                 reconstruct_button.click(self.reconstruct, [source, reconstruct_seed, reconstruct_steps],
                                          [reconstruction, token_count], api_name="reconstruct", **run)
-        return blocks.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+        return blocks.queue(max_size=QUEUE_SIZE)
 
 
 def serve(args) -> None:
