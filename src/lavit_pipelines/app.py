@@ -22,8 +22,14 @@ import torch
 from transformers import TextIteratorStreamer
 
 from .cli import (
-    UsageError, check_common, check_generation_settings, check_image_file, check_prompt, check_text,
-    generation_kwargs, load_pipeline,
+    UsageError,
+    check_common,
+    check_generation_settings,
+    check_image_file,
+    check_prompt,
+    check_text,
+    generation_kwargs,
+    load_pipeline,
 )
 from .demo import default_model_path
 from .pipelines.text2image import ASPECT_RATIO_SIZES, LavitText2ImagePipeline
@@ -36,6 +42,7 @@ MAX_IMAGES = 8  # images per Generate request
 MAX_STEPS = 200  # denoising steps per request
 QUEUE_SIZE = 64  # requests waiting at most; more are refused at once
 STREAM_TIMEOUT_S = 600  # an Ask answer that stalls this long ends the request
+TRACKED_PROGRESS = gr.Progress(track_tqdm=True)  # the default that makes Gradio show the pipelines' progress bars
 DEMO_NOTE = (
     "**The embedded demo model knows one small world** (`lavit_pipelines.worlds.shapes`): a {shapes} in {colors} "
     "on a white {canvas}×{canvas} canvas, alone ({places}) or two different shapes side by side or stacked "
@@ -86,7 +93,7 @@ class LavitApp:
 
     def generate(self, prompt: str, image_files, seed: float, size: str, height: float, width: float,
                  num_images: float, llm_guidance_scale: float, guidance_scale: float, steps: float,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=TRACKED_PROGRESS):
         """Images for `prompt` (with `<image>` placeholders for `image_files`), image i seeded with seed + i
         (`lavit generate --seed SEED+i` draws it): (gallery of (image, "seed S")), warning markdown)."""
         with shown_as_error():
@@ -146,7 +153,7 @@ class LavitApp:
                 raise outcome["error"]
         yield outcome["answer"]
 
-    def reconstruct(self, image_file, seed: float, steps: float, progress=gr.Progress(track_tqdm=True)):
+    def reconstruct(self, image_file, seed: float, steps: float, progress=TRACKED_PROGRESS):
         """`lavit reconstruct IMAGE --seed SEED --steps STEPS`: (image, "N visual tokens")."""
         with shown_as_error():
             path = check_image_file(file_path(image_file) or "", "IMAGE")
