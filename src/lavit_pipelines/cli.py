@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .quantization import QUANTIZATION_SCHEMES, check_quantization
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_PROMPT_CHARS = 10_000
@@ -41,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
-    loading.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    loading.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU or with --quantize)")
     loading.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     loading.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
+    loading.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                         help="load the language model and the UNet quantized, weight-only: int8 (torchao; CPU and GPU), "
+                         "int4 (torchao; GPU), nf4 (bitsandbytes; GPU); default dtype then bfloat16 (docs/memory.md)")
     common = argparse.ArgumentParser(add_help=False, parents=[loading])
     common.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same output)")
 
@@ -275,6 +280,8 @@ def check_common(args) -> None:
     seed = getattr(args, "seed", None)
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {seed}")
+    if getattr(args, "quantize", None):
+        check_quantization(args.quantize, resolve_device_and_dtype(args)[0])
 
 
 def check_floats(args, names: tuple[str, ...]) -> None:
@@ -344,16 +351,21 @@ def resolve_device_and_dtype(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") or getattr(args, "quantize", None) else "float32")
     return device, getattr(torch, dtype)
 
 
 def load_pipeline(pipeline_cls, args, device=None, **kwargs):
-    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+    """The pipeline from --model (or the embedded demo model), on --device in --dtype, --quantize'd."""
     from .demo import default_model_path
+    from .quantization import pipeline_quantization_config
 
     source = args.model or default_model_path()
     default_device, dtype = resolve_device_and_dtype(args)
+    if getattr(args, "quantize", None):
+        kwargs["quantization_config"] = pipeline_quantization_config(
+            args.quantize, pipeline_cls.component_names(), device or default_device
+        )
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
     if getattr(args, "lora", None):
         pipe.load_lora_weights(args.lora)

@@ -32,10 +32,10 @@ dynamic discrete visual tokens, converted for [lavit-pipelines](https://pypi.org
 ```python
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 
-pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")
 image = pipe("a sculpture of a duck made of wool").images[0]
 
-understanding = LavitUnderstandingPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+understanding = LavitUnderstandingPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")
 print(understanding.caption(image)[0])
 ```
 
@@ -144,15 +144,36 @@ def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Pa
     raise FileNotFoundError(f"The component `{name}` has no safetensors weights in {folder}.")
 
 
-def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
-    """Tensor name -> shape, from the safetensors headers only."""
+def _quantized_parts(metadata: dict | None) -> dict[str, str]:
+    """Stored key -> parameter name, for the parameters a quantizer saved as several tensors (torchao: the header's
+    metadata maps `layer.weight` to its tensor subclass and `_tensor_data_names`, stored as `layer._weight_qdata`,
+    `layer._weight_scale`, ...)."""
+    parts = {}
+    for param, description in (metadata or {}).items():
+        try:
+            names = json.loads(description).get("_tensor_data_names", ())
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        module, _, attribute = param.rpartition(".")
+        parts.update({f"{module}._{attribute}_{part}": param for part in names})
+    return parts
+
+
+def _stored_shapes(name: str, files: list[Path]) -> dict[str, tuple | None]:
+    """Tensor name -> shape, from the safetensors headers only; a quantized parameter stored as several tensors
+    counts under its own name, with shape None (its stored shapes are the quantizer's)."""
     shapes = {}
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"The component `{name}` lacks its weight file {path}.")
         try:
             with safe_open(path, "pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+                parts = _quantized_parts(f.metadata())
+                for key in f.keys():
+                    if key in parts:
+                        shapes[parts[key]] = None
+                    else:
+                        shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as error:  # noqa: BLE001 - SafetensorError and OS errors: a truncated or corrupt file
             raise ValueError(f"The component `{name}`: {path} is not a readable safetensors file ({error}).") from error
     return shapes
@@ -178,18 +199,27 @@ def _ignored(key: str, patterns) -> bool:
     return any(re.search(pattern, key) for pattern in patterns or ())
 
 
+def _quantized_owner(key: str, expected) -> str:
+    """The parameter a stored tensor of a quantized component belongs to: bitsandbytes stores a quantized
+    `layer.weight` packed, with its state beside it (`layer.weight.absmax`, `layer.weight.quant_map`, ...)."""
+    parts = key.split(".")
+    return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in expected), key)
+
+
 def check_component_weights(name: str, folder: Path, model_cls, variant: str | None = None) -> None:
     """ValueError/FileNotFoundError naming the component when its weights do not fit the model its config describes:
-    a tensor missing, unexpected or of another shape, or a weight file unreadable. Cheap: the model is built on the
-    meta device and only the safetensors headers are read."""
+    a tensor missing, unexpected or of another shape (not compared for a component saved quantized), or a weight
+    file unreadable. Cheap: the model is built on the meta device and only the safetensors headers are read."""
     if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
     model = meta_model(name, folder, model_cls)
     state = model.state_dict(keep_vars=True)
     expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
     stored = _stored_shapes(name, weight_files(name, folder, variant))
+    if "quantization_config" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+        stored = {_quantized_owner(key, expected): None for key in stored}
     for key in sorted(stored.keys() & expected.keys()):
-        if stored[key] != expected[key]:
+        if stored[key] not in (None, expected[key]):
             raise ValueError(
                 f"The component `{name}` does not match its config: its weights hold {key} of shape {stored[key]}, "
                 f"the config in {folder} expects {expected[key]}."
