@@ -4,6 +4,10 @@
     python benchmarks/gpu_full_size.py                 # needs CUDA; ~20 GB of GPU memory
     python benchmarks/gpu_full_size.py --static --compile-llm --compile-unet
     python benchmarks/gpu_full_size.py --tiny          # the same logic with tiny dims on CPU (a smoke test)
+    python benchmarks/gpu_full_size.py --quantize nf4 --cpu-offload     # the low-memory configurations (docs/memory.md)
+
+With --quantize, the language model and the UNet are saved and loaded back through transformers' and diffusers'
+quantizers (`lavit_pipelines.quantization`); with --cpu-offload, `enable_model_cpu_offload()` instead of `.to("cuda")`.
 
 Components: LLaMA-2-7B dims with LaVIT's 48386-entry vocabulary, the high-res pixel decoder (width 1408, 12 blocks,
 256 queries) and the SDXL UNet / VAE configs from benchmarks/release-configs/ (the release's own configs).
@@ -13,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +70,17 @@ def build_pipeline(tiny: bool, dtype: torch.dtype, device: str):
                                    vae=vae, scheduler=scheduler)
 
 
+def quantize(pipe, scheme: str, dtype: torch.dtype, device: str) -> None:
+    """The pipeline's language model and UNet replaced by themselves saved and loaded back with `scheme`."""
+    from lavit_pipelines.quantization import component_quantization_configs
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, config in component_quantization_configs(scheme, pipe.components, device).items():
+            model = getattr(pipe, name)
+            model.save_pretrained(f"{folder}/{name}")
+            pipe.register_modules(**{name: type(model).from_pretrained(f"{folder}/{name}", dtype=dtype, quantization_config=config)})
+
+
 def _byte_tokenizer():
     """A stand-in tokenizer (random weights make the prompt's meaning irrelevant): one id per byte."""
 
@@ -103,6 +119,8 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="static KV cache for the visual tokens")
     parser.add_argument("--compile-llm", action="store_true", help="torch.compile the decoding step (implies --static)")
     parser.add_argument("--compile-unet", action="store_true", help="channels_last + torch.compile of the UNet")
+    parser.add_argument("--quantize", choices=("int8", "int4", "nf4"), help="quantize the language model and the UNet")
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() (weights built on the CPU)")
     args = parser.parse_args()
 
     if args.tiny:
@@ -115,7 +133,14 @@ def main() -> None:
         device, dtype, size = "cuda", torch.bfloat16, 1024
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    pipe = build_pipeline(args.tiny, dtype, device)
+    staged = args.quantize or args.cpu_offload
+    pipe = build_pipeline(args.tiny, dtype, "cpu" if staged else device)
+    if args.quantize:
+        quantize(pipe, args.quantize, dtype, device)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    elif staged:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if args.compile_unet:
         pipe.unet.to(memory_format=torch.channels_last)
@@ -141,8 +166,8 @@ def main() -> None:
     measured = {"ms/token": token_s / args.tokens * 1e3, "ms/UNet step": step_s * 1e3, "s/image": image_s,
                 "peak GB": peak_gb}
     name = "tiny dims on CPU (logic check only; floors do not apply)" if args.tiny else torch.cuda.get_device_name()
-    print(f"{name}; {dtype}; {args.tokens} visual tokens; {args.steps} steps at {size}²; decoding {decoding}; "
-          f"UNet compiled: {args.compile_unet}; medians of {args.repeats}")
+    print(f"{name}; {dtype}; quantize {args.quantize}; CPU offload {args.cpu_offload}; {args.tokens} visual tokens; "
+          f"{args.steps} steps at {size}²; decoding {decoding}; UNet compiled: {args.compile_unet}; medians of {args.repeats}")
     print(describe_machine())
     print("| metric | measured | floor (H100, DESIGN §6) | target |")
     print("|---|---:|---:|---:|")

@@ -3,13 +3,21 @@ original LaVIT's method (transformers `generate(..., guidance_scale=g, negative_
 unbatched CFG processor runs a second forward per token), same process, same random weights.
 
     python benchmarks/visual_tokens_cpu.py [--threads 1] [--tokens 64] [--repeats 5] [--hidden 512 --layers 8 ...]
+    python benchmarks/visual_tokens_cpu.py --low-precision     # + bf16 and int8, eager and compiled
+    python benchmarks/visual_tokens_cpu.py --kernels           # only the fp32 / bf16 / int8 kernel table
 
 Both produce exactly `--tokens` tokens (min_new_tokens = max_new_tokens) and the script checks that greedy
 decoding gives identical tokens on both paths before timing. It also times the head product of the sampled ids
 row by row (as `sample_visual_tokens` computes it) against one 2-row GEMM, on the machine it runs on.
+
+With `--low-precision`, ours also runs on bfloat16 and torchao int8 weight-only copies of the model (bfloat16
+activations; the output head and embeddings stay bfloat16, as transformers' torchao quantizer keeps them), eager
+and with the compiled static-cache step, and the matrix-product ops of one decoding step of each are printed
+(which kernel ran: `aten::mm`, or `aten::_weight_int8pack_mm` where inductor rewrites torchao's int8 product).
 """
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -80,6 +88,60 @@ def head_product_medians(model, rows: int, repeats: int) -> list[float]:
     return interleaved_medians([lambda fn=fn: [fn() for _ in range(10)] for fn in fns], repeats)
 
 
+def low_precision_models(model) -> dict:
+    """bfloat16 and torchao int8 weight-only (Linear layers but the head) copies of `model`."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    int8 = copy.deepcopy(bf16)
+    quantize_(int8, Int8WeightOnlyConfig(), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head")
+    return {"bf16": bf16, "int8": int8}
+
+
+def step_ops(fn) -> str:
+    """The matrix-product ops (with call counts) that `fn` runs."""
+    with torch.profiler.profile() as profile:
+        fn()
+    names = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
+    return ", ".join(f"{e.key.removeprefix('aten::')} x{e.count}" for e in profile.key_averages() if e.key in names)
+
+
+def kernel_table(dim: int, layers: int, rows: int, repeats: int) -> None:
+    """ms for `layers` bias-free dim x dim products at `rows` rows (a decoding step's weight reads), per kernel path,
+    each beside fp32 and bf16, with the matrix-product ops each path ran."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    base = torch.nn.Sequential(*[torch.nn.Linear(dim, dim, bias=False) for _ in range(layers)]).eval()
+    x32 = torch.randn(rows, dim)
+    int8 = [(w, (w.abs().amax(1) / 127).clamp(min=1e-8)) for w in (lin.weight.detach() for lin in base)]
+    int8 = [((w / s[:, None]).round().clamp(-128, 127).to(torch.int8), s.bfloat16()) for w, s in int8]
+
+    def int8pack(x):
+        for q, s in int8:
+            x = torch._weight_int8pack_mm(x, q, s)
+        return x
+
+    paths = {"fp32 F.linear": (base, x32), "bf16 F.linear": (copy.deepcopy(base).bfloat16(), x32.bfloat16()),
+             "torch._weight_int8pack_mm, bf16 activations": (int8pack, x32.bfloat16())}
+    for dtype, x in ((torch.float32, x32), (torch.bfloat16, x32.bfloat16())):
+        quantized = copy.deepcopy(base).to(dtype)
+        quantize_(quantized, Int8WeightOnlyConfig())
+        name = "torchao Int8WeightOnlyConfig, " + str(dtype).removeprefix("torch.") + " activations"
+        paths[name + ", eager"] = (quantized, x)
+        paths[name + ", torch.compile"] = (torch.compile(quantized), x)
+    with torch.no_grad():
+        for fn, x in paths.values():
+            fn(x)  # compiles
+        medians = interleaved_medians([lambda fn=fn, x=x: fn(x) for fn, x in paths.values()], repeats)
+        ops = [step_ops(lambda fn=fn, x=x: fn(x)) for fn, x in paths.values()]
+    fp32, bf16 = medians[0], medians[1]
+    print(f"\n{layers} layers of {dim}x{dim} at {rows} rows, median of {repeats} interleaved runs")
+    print("| path | ms | x fp32 | x bf16 | ops |")
+    print("|---|---:|---:|---:|---|")
+    for name, median, op in zip(paths, medians, ops):
+        print(f"| {name} | {median * 1e3:.1f} | {median / fp32:.3f} | {median / bf16:.3f} | {op} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -94,9 +156,15 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="time greedy decoding instead of top-k sampling")
     parser.add_argument("--static", action="store_true", help="also time the static-cache path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--low-precision", action="store_true", help="also bfloat16 and int8, eager and compiled")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only the kernel table: 8 layers of 4096x4096 at 2 rows per fp32 / bf16 / int8 path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernels:
+        print(describe_machine())
+        return kernel_table(4096, 8, 2, args.repeats)
 
     model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.vocab)
     prompt = torch.cat([torch.randint(3, 32000, (args.prompt_length,), generator=torch.Generator().manual_seed(1)),
@@ -121,6 +189,15 @@ def main() -> None:
     if args.static:
         rows.append(("ours: sample_visual_tokens, StaticCache",
                      lambda: run_ours(model, prompt, g, n, do_sample, cache_implementation="static")))
+    kernels = {}
+    if args.low_precision:
+        for label, copy_ in low_precision_models(model).items():
+            for compiled in (False, True):
+                kwargs = {"cache_implementation": "static", "compile": True} if compiled else {}
+                name = f"ours, {label}{', compiled static step' if compiled else ''}"
+                run_ours(copy_, prompt, g, n, do_sample, **kwargs)  # compiles
+                kernels[name] = step_ops(lambda m=copy_, k=kwargs: run_ours(m, prompt, g, 2, do_sample, **k))
+                rows.append((name, lambda m=copy_, k=kwargs: run_ours(m, prompt, g, n, do_sample, **k)))
     medians = interleaved_medians([fn for _, fn in rows], args.repeats)
     results = [(name, median) for (name, _), median in zip(rows, medians)]
 
@@ -135,6 +212,10 @@ def main() -> None:
     print(f"|{'-' * 60}|---------:|--------:|------:|")
     for name, median in results:
         print(f"| {name:<58} | {median / n * 1e3:8.2f} | {median:7.3f} | {median / base:5.3f} |")
+    bf16 = dict(results).get("ours, bf16")
+    for name, ops in kernels.items():
+        vs_bf16 = f"; {dict(results)[name] / bf16:.3f}x ours bf16 eager" if bf16 else ""
+        print(f"{name}: prefill + 1 step ran {ops}{vs_bf16}")
 
     with torch.no_grad():
         rowwise, gemm = head_product_medians(model, 2, args.repeats)

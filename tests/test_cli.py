@@ -37,6 +37,27 @@ def test_generate_on_embedded_model_is_reproducible(tmp_path, capsys):
     assert PIL.Image.open(first).size == (64, 64)
 
 
+def test_generate_warns_of_unseen_words_on_stderr(tmp_path, capsys):
+    assert main(["generate", "a red duck in the snow", "--output", str(tmp_path / "x.png"), *FAST]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit")]  # not progress bars
+    assert err == ["lavit generate: warning: the model was never trained on the words 'duck', 'snow': expect a "
+                   "picture of something else"]
+    assert main(["generate", "A red circle in the center.", "--output", str(tmp_path / "y.png"), *FAST]) == 0
+    assert "lavit generate: warning" not in capsys.readouterr().err
+
+
+def test_unseen_words_only_for_a_model_that_declares_its_words(converted_dir):
+    from transformers import AutoTokenizer
+
+    from lavit_pipelines.demo import default_model_path
+    from lavit_pipelines.tokenization import unseen_words
+
+    demo = AutoTokenizer.from_pretrained(default_model_path() / "tokenizer")
+    assert unseen_words(demo, "<image> a Red DOG, on the left of a dog's bone") == ["dog", "dog's", "bone"]
+    release_layout = AutoTokenizer.from_pretrained(converted_dir / "tokenizer")  # declares none, as LaVIT-7B's
+    assert unseen_words(release_layout, "a zyxwv qqq") == []
+
+
 def test_generate_several_images_and_image_prompt(tmp_path, photo):
     out = tmp_path / "duck.png"
     assert main(["generate", "<image> in the snow", "--image", str(photo), "--num-images", "2", "--output", str(out), *FAST]) == 0

@@ -130,7 +130,7 @@ def test_padding_does_not_leak(tiny, variant):
 def test_save_load_round_trip(tiny, tmp_path, variant, dtype):
     decoder = tiny[variant]
     decoder.save_pretrained(tmp_path)
-    loaded = LavitPixelDecoder.from_pretrained(tmp_path, torch_dtype=dtype)
+    loaded = LavitPixelDecoder.from_pretrained(tmp_path, dtype=dtype)
     assert loaded.dtype == dtype and loaded.config.variant == variant
     state = decoder.state_dict()
     for key, value in loaded.state_dict().items():

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def tokenizer_run(training_base, training_data, tmp_path_factory) -> Path:
     return train(TrainingConfig(
         stage="visual-tokenizer", model=str(training_base), data=str(training_data),
         output=str(tmp_path_factory.mktemp("vt") / "out"), max_steps=16, batch_size=4, learning_rate=1e-3,
-        checkpointing_steps=8, validation_steps=8,
+        checkpointing_steps=8, validation_steps=8, validation_inference_steps=2, report_to="tensorboard",
     ))
 
 
@@ -54,6 +55,24 @@ def test_visual_tokenizer_training_reduces_the_loss_and_writes_a_pipeline(tokeni
     torch.testing.assert_close(new["codebook.weight"].norm(dim=1), torch.ones(len(new["codebook.weight"])))
     LavitUnderstandingPipeline.from_pretrained(tokenizer_run)  # loads too
     assert (tokenizer_run / "checkpoint-8").is_dir() and (tokenizer_run / "checkpoint-16").is_dir()
+
+
+def test_a_run_can_be_watched_in_tensorboard_and_leaves_loss_curves(tokenizer_run, training_data):
+    """--report-to tensorboard: the logged values and validation grids (reconstructions for this stage, captioned
+    with their token counts and texts) go to TensorBoard too; OUT/loss.png plots logs.jsonl's losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lavit_pipelines.training.reporting import CELL
+
+    events = EventAccumulator(str(tokenizer_run / "lavit-visual-tokenizer")).Reload()
+    losses = [(event.step, round(event.value, 4)) for event in events.Scalars("loss")]
+    assert losses == [(row["step"], round(row["loss"], 4)) for row in read_logs(tokenizer_run) if "loss" in row]
+    assert [event.step for event in events.Scalars("validation_loss")] == [0, 8, 16]
+    assert [event.step for event in events.Images("validation")] == [0, 8, 16]
+    for step in (0, 8, 16):
+        grid = PIL.Image.open(tokenizer_run / "validation" / f"step-{step}.png")
+        assert grid.width == 4 * CELL and CELL < grid.height < 2 * CELL  # the first 4 examples, captioned
+    assert PIL.Image.open(tokenizer_run / "loss.png").size == (700, 400)
 
 
 def stage_config(stage: str, model: Path, data: Path, output: Path, **kwargs) -> TrainingConfig:

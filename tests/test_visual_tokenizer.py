@@ -126,7 +126,7 @@ def test_dynamic_selection_follows_the_predictor(tiny, pixels):
 @torch.no_grad()
 def test_save_load_round_trip(tiny, pixels, tmp_path, dtype):
     tiny.save_pretrained(tmp_path)
-    loaded = LavitVisualTokenizer.from_pretrained(tmp_path, torch_dtype=dtype)
+    loaded = LavitVisualTokenizer.from_pretrained(tmp_path, dtype=dtype)
     assert public_config(loaded) == public_config(tiny)
     assert loaded.dtype == dtype
     # The token predictors stay in float32 (`_keep_in_fp32_modules`): the Gumbel selection needs it.

@@ -12,8 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .quantization import QUANTIZATION_SCHEMES, check_quantization
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_PROMPT_CHARS = 10_000
+MAX_IMAGE_SIDE = 4096
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,11 +41,15 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
-    common.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
-    common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    common.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
+    loading.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU or with --quantize)")
+    loading.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    loading.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
+    loading.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                         help="load the language model and the UNet quantized, weight-only: int8 (torchao; CPU and GPU), "
+                         "int4 (torchao; GPU), nf4 (bitsandbytes; GPU); default dtype then bfloat16 (docs/memory.md)")
+    common = argparse.ArgumentParser(add_help=False, parents=[loading])
     common.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same output)")
 
     parser = argparse.ArgumentParser(prog="lavit", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
@@ -79,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("image", help="image file")
     rec.add_argument("--output", required=True, help="output image file (.png, .jpg, .webp)")
     rec.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+
+    app = add_command("app", parents=[loading], help="web app (Gradio) on one loaded model; needs the `app` extra")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
 
     conv = add_command("convert", help="release checkpoint (folder or Hub id) -> converted folder")
     conv.add_argument("src", help="release folder or Hub id (rain1011/LaVIT-7B-v2)")
@@ -257,8 +269,8 @@ def image_size(args) -> tuple[int | None, int | None]:
             raise UsageError(f"--aspect-ratio must be one of {', '.join(ASPECT_RATIO_SIZES)}, got {args.aspect_ratio!r}")
         return ASPECT_RATIO_SIZES[args.aspect_ratio]
     for name, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and value % 8:
-            raise UsageError(f"{name} must be a multiple of 8, got {value}")
+        if value is not None and (value % 8 or not 0 < value <= MAX_IMAGE_SIDE):
+            raise UsageError(f"{name} must be a multiple of 8 in [8, {MAX_IMAGE_SIDE}], got {value}")
     return args.height, args.width
 
 
@@ -268,6 +280,8 @@ def check_common(args) -> None:
     seed = getattr(args, "seed", None)
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise UsageError(f"--seed must be an integer in [-2**63, 2**64), got {seed}")
+    if getattr(args, "quantize", None):
+        check_quantization(args.quantize, resolve_device_and_dtype(args)[0])
 
 
 def check_floats(args, names: tuple[str, ...]) -> None:
@@ -281,6 +295,26 @@ def check_floats(args, names: tuple[str, ...]) -> None:
                 check_float(name, value, label="--" + name.replace("_", "-"))
             except ValueError as error:
                 raise UsageError(str(error).rstrip(".")) from error
+
+
+def check_generation_settings(args) -> None:
+    """--height/--width/--aspect-ratio and the guidance scales."""
+    image_size(args)
+    check_floats(args, ("guidance_scale", "llm_guidance_scale"))
+
+
+def check_text(text: str, name: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UsageError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}")
+
+
+def check_prompt(prompt: str, images: list[str]) -> None:
+    """The prompt's length, and one decodable --image file per `<image>` placeholder."""
+    check_text(prompt, "PROMPT")
+    for path in images:
+        check_image_file(path, "--image")
+    if prompt.count("<image>") != len(images):
+        raise UsageError(f"the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} --image files")
 
 
 def check_generate(args) -> None:
@@ -299,12 +333,8 @@ def check_generate(args) -> None:
         if not args.prompt:
             raise UsageError("a PROMPT (or --prompts FILE --output-dir DIR) is required")
         check_output(args.output, count=args.num_images)
-        if args.prompt.count("<image>") != len(args.image):
-            raise UsageError(f"the prompt has {args.prompt.count('<image>')} <image> placeholders but {len(args.image)} --image files")
-        for path in args.image:
-            check_image_file(path, "--image")
-    image_size(args)
-    check_floats(args, ("guidance_scale", "llm_guidance_scale"))
+        check_prompt(args.prompt, args.image)
+    check_generation_settings(args)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -322,7 +352,7 @@ def resolve_device_and_dtype(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") or getattr(args, "quantize", None) else "float32")
     return device, getattr(torch, dtype)
 
 
@@ -334,11 +364,17 @@ def model_source(args) -> str:
 
 
 def load_pipeline(pipeline_cls, args, device=None, **kwargs):
-    """The pipeline from --model (or the embedded demo model), on --device in --dtype."""
+    """The pipeline from --model (or the embedded demo model), on --device in --dtype, --quantize'd."""
+    from .quantization import pipeline_quantization_config
+
     source = model_source(args)
     default_device, dtype = resolve_device_and_dtype(args)
     if getattr(args, "lora", None):
         pipeline_cls.checked_lora_state_dict(args.lora)  # before any model loads
+    if getattr(args, "quantize", None):
+        kwargs["quantization_config"] = pipeline_quantization_config(
+            args.quantize, pipeline_cls.component_names(), device or default_device
+        )
     pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **kwargs)
     if getattr(args, "lora", None):
         pipe.load_lora_weights(args.lora)
@@ -375,10 +411,14 @@ def run_generate(args) -> None:
     import torch
 
     from .pipelines.text2image import LavitText2ImagePipeline
+    from .tokenization import unseen_words_warning
 
     if args.prompts:
         return run_generate_many(args)
     pipe = load_pipeline(LavitText2ImagePipeline, args, **({} if args.image else {"visual_tokenizer": None}))
+    warning = unseen_words_warning(pipe.tokenizer, args.prompt)
+    if warning:
+        print(f"lavit generate: warning: {warning}", file=sys.stderr)
     out = pipe(
         args.prompt, image=args.image or None, num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed), **generation_kwargs(args),
@@ -446,6 +486,14 @@ def run_reconstruct(args) -> None:
     out = pipe.reconstruct(args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
     save_image(out.images[0], output)
     print(output)
+
+
+def run_app(args) -> None:
+    try:
+        from .app import serve
+    except ImportError as error:
+        raise ImportError(f"{error.msg}; install the app extra: pip install 'lavit-pipelines[app]'") from error
+    serve(args)
 
 
 def run_evaluate(args) -> None:
@@ -540,7 +588,7 @@ def run_train(args) -> None:
 
 COMMANDS = {
     "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "convert": run_convert, "train": run_train, "evaluate": run_evaluate,
+    "reconstruct": run_reconstruct, "app": run_app, "convert": run_convert, "train": run_train, "evaluate": run_evaluate,
 }
 
 

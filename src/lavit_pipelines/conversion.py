@@ -290,7 +290,7 @@ def convert_vae(folder: Path, dst: Path, dtype) -> None:
     weights = next(folder.glob("diffusion_pytorch_model.*"))
     try:
         model = AutoencoderKL.from_pretrained(
-            folder, use_safetensors=weights.suffix == ".safetensors", torch_dtype=dtype or _source_dtype(weights)
+            folder, use_safetensors=weights.suffix == ".safetensors", dtype=dtype or _source_dtype(weights)
         )
     except Exception as error:  # noqa: BLE001 - a truncated file or a broken config: name the file
         raise ValueError(f"Could not read {weights} with its config: {error}") from error

@@ -28,18 +28,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.utils import cached_file
 
-__all__ = ["load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer", "add_placeholder_tokens"]
+__all__ = [
+    "load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer",
+    "add_placeholder_tokens", "unseen_words", "unseen_words_warning",
+]
 
 _SPIECE_UNDERLINE = "▁"
 SPECIALS = ("<unk>", "<s>", "</s>")
 # tokenizer_config.json classes whose tokenizer.json is loaded as saved (no rebuilt pipeline)
 _BACKEND_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+# tokenizer_config.json key: the words of the model's training text (declared by models with a small vocabulary)
+KNOWN_WORDS = "known_words"
 # hub / cache arguments understood by `cached_file`
 _FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
@@ -195,10 +201,36 @@ def _train_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_llama_style_tokenizer(corpus: str, num_merges: int) -> PreTrainedTokenizerFast:
+def words(text: str) -> list[str]:
+    """The lower-case words of `text` (letters, digits, apostrophes), in order; `<image>`-style tags left out."""
+    return re.findall(r"[a-z0-9']+", re.sub(r"<[^<>\s]*>", " ", text.lower()))
+
+
+def unseen_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` (once each, in order) outside the `known_words` that the tokenizer's config declares
+    (the words its model was trained on) and its added tokens (e.g. a subject's placeholder word); [] when it
+    declares none, as LaVIT-7B's does not."""
+    known = tokenizer.init_kwargs.get(KNOWN_WORDS)
+    if not known:
+        return []
+    known = set(words(" ".join([*known, *tokenizer.get_added_vocab()])))
+    return [word for word in dict.fromkeys(words(prompt)) if word not in known]
+
+
+def unseen_words_warning(tokenizer, prompt: str) -> str | None:
+    """A one-line warning naming the prompt's `unseen_words`, or None when there are none."""
+    unseen = unseen_words(tokenizer, prompt)
+    if not unseen:
+        return None
+    return (f"the model was never trained on the words {', '.join(map(repr, unseen))}: expect a picture of "
+            f"something else")
+
+
+def build_llama_style_tokenizer(corpus: str, num_merges: int, known_words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """LLaMA-style byte-fallback BPE trained on `corpus`: `<unk>`=0, `<s>`=1, `</s>`=2, 256 byte tokens, the
     corpus characters, then up to `num_merges` merges. Pads on the left with `</s>`; `add_special_tokens=True`
-    prepends `<s>` like LLaMA."""
+    prepends `<s>` like LLaMA. `known_words` (saved in tokenizer_config.json) declares the model's vocabulary
+    for `unseen_words`."""
     merges = _train_merges(corpus, num_merges)
     pieces = list(SPECIALS) + [f"<0x{b:02X}>" for b in range(256)] + sorted(set("▁" + corpus.replace(" ", "▁")))
     pieces += [a + b for a, b in merges if a + b not in pieces]
@@ -220,6 +252,7 @@ def build_llama_style_tokenizer(corpus: str, num_merges: int) -> PreTrainedToken
         pad_token="</s>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        **({KNOWN_WORDS: known_words} if known_words else {}),
     )
 
 

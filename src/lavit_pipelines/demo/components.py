@@ -15,7 +15,7 @@ from ..models.initialization import randomize_zero_parameters
 from ..models.language_model import LavitConfig, LavitForCausalLM
 from ..models.pixel_decoder import LavitPixelDecoder
 from ..models.visual_tokenizer import LavitVisualTokenizer
-from ..tokenization import build_llama_style_tokenizer
+from ..tokenization import build_llama_style_tokenizer, words
 from ..worlds import shapes
 
 IMAGE_SIZE = 64
@@ -39,8 +39,9 @@ def world_corpus() -> str:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """LLaMA-style tokenizer whose merges make every world word a single token (byte fallback for the rest)."""
-    return build_llama_style_tokenizer(world_corpus(), num_merges=10_000)
+    """LLaMA-style tokenizer whose merges make every world word a single token (byte fallback for the rest); it
+    declares the world's words as the model's `known_words`."""
+    return build_llama_style_tokenizer(world_corpus(), num_merges=10_000, known_words=sorted(set(words(world_corpus()))))
 
 
 def build_components(seed: int = 0) -> dict:

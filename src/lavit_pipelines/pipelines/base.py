@@ -37,10 +37,10 @@ dynamic discrete visual tokens, converted for [lavit-pipelines](https://pypi.org
 ```python
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 
-pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = LavitText2ImagePipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")
 image = pipe("a sculpture of a duck made of wool").images[0]
 
-understanding = LavitUnderstandingPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+understanding = LavitUnderstandingPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")
 print(understanding.caption(image)[0])
 ```
 
@@ -156,10 +156,26 @@ def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Pa
     raise FileNotFoundError(f"The component `{name}` has no weights (*.safetensors or *.bin) in {folder}.")
 
 
-def stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
+def _quantized_parts(metadata: dict | None) -> dict[str, str]:
+    """Stored key -> parameter name, for the parameters a quantizer saved as several tensors (torchao: the header's
+    metadata maps `layer.weight` to its tensor subclass and `_tensor_data_names`, stored as `layer._weight_qdata`,
+    `layer._weight_scale`, ...)."""
+    parts = {}
+    for param, description in (metadata or {}).items():
+        try:
+            names = json.loads(description).get("_tensor_data_names", ())
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        module, _, attribute = param.rpartition(".")
+        parts.update({f"{module}._{attribute}_{part}": param for part in names})
+    return parts
+
+
+def stored_shapes(name: str, files: list[Path]) -> dict[str, tuple | None]:
     """Tensor name -> shape, from the safetensors headers, or from a `.bin` unpickled as diffusers and transformers
     do (`torch.load(weights_only=True)`, onto the meta device: no tensor data is read). A pickle that holds anything
-    but tensors and plain containers is refused by torch, before any of its code could run."""
+    but tensors and plain containers is refused by torch, before any of its code could run. A quantized parameter
+    stored as several tensors counts under its own name, with shape None (its stored shapes are the quantizer's)."""
     shapes = {}
     for path in files:
         if not path.is_file():
@@ -167,7 +183,9 @@ def stored_shapes(name: str, files: list[Path]) -> dict[str, tuple]:
         try:
             if path.suffix == ".safetensors":
                 with safe_open(path, "pt") as f:
-                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+                    parts = _quantized_parts(f.metadata())
+                    for key in f.keys():
+                        shapes[parts.get(key, key)] = None if key in parts else tuple(f.get_slice(key).get_shape())
             else:
                 state = load_state_dict(str(path), map_location="meta")
                 shapes.update({key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)})
@@ -240,20 +258,34 @@ def _ignored(key: str, patterns) -> bool:
     return any(re.search(pattern, key) for pattern in patterns or ())
 
 
+def _quantized_owner(key: str, expected) -> str:
+    """The parameter a stored tensor of a quantized component belongs to: bitsandbytes stores a quantized
+    `layer.weight` packed, with its state beside it (`layer.weight.absmax`, `layer.weight.quant_map`, ...)."""
+    parts = key.split(".")
+    return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in expected), key)
+
+
 def check_component_weights(name: str, folder: Path, model_cls, variant: str | None = None) -> None:
     """ValueError/FileNotFoundError naming the component when its weights do not fit the model its config describes:
-    a tensor missing, unexpected or of another shape, a config that describes a model much larger than its weights,
-    or a weight file unreadable. Cheap: only the weights' headers are read, then the model is built on the meta
-    device, stopped once it outgrows twice the stored elements (tied weights count twice while building)."""
+    a tensor missing, unexpected or of another shape (not compared for a component saved quantized), a config that
+    describes a model much larger than its weights, or a weight file unreadable. Cheap: only the weights' headers are
+    read, then the model is built on the meta device, stopped once it outgrows twice the stored elements (tied weights
+    count twice while building; no limit for a quantized component, whose stored sizes are the quantizer's)."""
     if not issubclass(model_cls, (ModelMixin, PreTrainedModel)):
         return
     stored = stored_shapes(name, weight_files(name, folder, variant))
-    budget = 2 * sum(math.prod(shape) for shape in stored.values()) + 2**20
+    try:
+        quantized = "quantization_config" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # `meta_model` names the component's missing or malformed config
+        quantized = False
+    budget = None if quantized or None in stored.values() else 2 * sum(map(math.prod, stored.values())) + 2**20
     model = meta_model(name, folder, model_cls, budget)
     state = model.state_dict(keep_vars=True)
     expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    if quantized:
+        stored = {_quantized_owner(key, expected): None for key in stored}
     for key in sorted(stored.keys() & expected.keys()):
-        if stored[key] != expected[key]:
+        if stored[key] not in (None, expected[key]):
             raise ValueError(
                 f"The component `{name}` does not match its config: its weights hold {key} of shape {stored[key]}, "
                 f"the config in {folder} expects {expected[key]}."

@@ -51,7 +51,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from lavit_pipelines import LavitText2ImagePipeline
 
-        >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = LavitText2ImagePipeline.from_pretrained("path/to/converted-lavit", dtype=torch.bfloat16).to("cuda")
         >>> image = pipe("a sculpture of a duck made of wool").images[0]
 
         >>> # image prompts: put <image> where each image goes

@@ -51,10 +51,13 @@ class TrainingConfig:
     checkpointing_steps: int = setting(500, "save a resumable checkpoint every so many steps")
     checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints (default: all)")
     validation_steps: int | None = setting(
-        None, "every so many steps (and before the first), the loss on a fixed batch and a sample (pixel decoder: a "
-              "reconstructed image; language model: a caption) go to logs.jsonl and OUT/validation/"
+        None, "every so many steps (and before the first), the loss on a fixed batch (language model: and a caption) "
+              "goes to logs.jsonl, and a grid of the first 4 dataset rows (text-to-image from their texts; visual "
+              "tokenizer: their reconstructions) to OUT/validation/step-N.png"
     )
-    validation_inference_steps: int = setting(25, "denoising steps of the validation reconstruction")
+    report_to: str | None = setting(None, "also send the logged values and validation grids to accelerate's "
+                                          "tracker(s): tensorboard, wandb, ... or all")
+    validation_inference_steps: int = setting(25, "denoising steps of the validation images")
     logging_steps: int = setting(10, "log the metrics every so many steps")
     lr_scheduler: str = setting("constant_with_warmup", "a diffusers learning-rate schedule name")
     lr_warmup_steps: int = setting(0, "warm-up steps of the schedule")
@@ -129,6 +132,9 @@ class TrainingConfig:
 
     def check(self) -> None:
         """ValueError naming the first setting that is out of range (all checked before anything loads)."""
+        from accelerate.utils import LoggerType  # here: `lavit --help` imports this module, not these libraries
+        from diffusers.optimization import SchedulerType
+
         if self.stage not in STAGES:
             raise ValueError(f"`stage` must be one of {STAGES}, got {self.stage!r}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -150,16 +156,15 @@ class TrainingConfig:
                     or value < lowest or (value == lowest and not inclusive)):
                 bound = "non-negative" if inclusive else "positive"
                 raise ValueError(f"`{name}` must be a finite {bound} number{' or None' if optional else ''}, got {value!r}.")
+        trackers = [tracker.value for tracker in LoggerType]
+        if self.report_to is not None and self.report_to not in trackers:
+            raise ValueError(f"`report_to` must be one of {trackers}, got {self.report_to!r}.")
         for name in ("target_keep_ratio", "condition_dropout", "understanding_ratio", "text_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {getattr(self, name)!r}.")
         for name in ("codebook_decay", "ema_decay"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in (0, 1), got {getattr(self, name)!r}.")
-        from diffusers.optimization import (
-            SchedulerType,  # here: `lavit --help` imports this module, not diffusers
-        )
-
         schedulers = [kind.value for kind in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"`lr_scheduler` must be one of diffusers' {schedulers}, got {self.lr_scheduler!r}.")

@@ -32,6 +32,7 @@ from ..pipelines.base import component_entries, first_line, stored_shapes
 from ..staging import apply_umask
 from .config import TrainingConfig
 from .data import IndexedDataset, add_class_examples, collate, load_image_text_dataset
+from .reporting import LOSS_PLOT, caption_grid, log_images, plot_losses, tracker_config
 
 logger = get_logger(__name__)
 LOGS = "logs.jsonl"
@@ -40,6 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".pipeline-staging"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_EPOCH = 2**32 - 1  # seeds the fixed validation batch apart from every training epoch
+VALIDATION_IMAGES = 4  # most images in a validation grid
 
 
 class Stage:
@@ -48,9 +50,11 @@ class Stage:
 
     needed_components: tuple[str, ...] = ()
     trained_components: tuple[str, ...] = ()
+    validation_images = "text-to-image"  # what the validation grids show; or "reconstruction"
 
     def __init__(self, config: TrainingConfig, components: dict, accelerator: Accelerator):
         self.config, self.components, self.accelerator = config, components, accelerator
+        self._validation_pipeline = None
 
     def transform(self, image, text: str) -> dict:
         """One PIL image and its text -> the tensors (and text) of one example."""
@@ -72,6 +76,31 @@ class Stage:
         with torch.no_grad():
             out = self.module(batch, generators, step)
         return {"validation_loss": float(out["loss"])}
+
+    def validation_pipeline(self):
+        """A text-to-image pipeline on the stage's components as they are now and BASE's others (loaded once)."""
+        if self._validation_pipeline is None:
+            from ..pipelines.text2image import LavitText2ImagePipeline
+
+            given = {k: v for k, v in self.components.items() if k in LavitText2ImagePipeline.component_names()}
+            dtype = {"default": WEIGHT_DTYPES[self.config.mixed_precision], "vae": torch.float32}
+            pipe = LavitText2ImagePipeline.from_pretrained(self.config.model, dtype=dtype, **given)
+            pipe.set_progress_bar_config(disable=True)
+            self._validation_pipeline = pipe.to(self.accelerator.device)
+        return self._validation_pipeline
+
+    def validation_grid(self, images: list, texts: list[str]):
+        """Text-to-image from `texts` (or reconstructions of `images`), seeded by the run's seed, in a grid with
+        their texts (and token counts) as captions."""
+        pipe = self.validation_pipeline()
+        generator = torch.Generator().manual_seed(self.config.seed)
+        steps = self.config.validation_inference_steps
+        if self.validation_images == "reconstruction":
+            out = pipe.reconstruct(images, num_inference_steps=steps, generator=generator)
+            texts = [f"{len(ids)} tokens: {text}" for ids, text in zip(out.visual_token_ids, texts)]
+        else:
+            out = pipe(texts, num_inference_steps=steps, generator=generator)
+        return caption_grid(out.images, texts)
 
     def finish(self, output: Path) -> dict:
         """The trained components to write into the pipeline folder, after any LoRA files are saved."""
@@ -279,6 +308,7 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=config.report_to,
     )
     set_seed(config.seed)
     # Frozen weights in the mixed-precision dtype, trained ones in float32 (diffusers' training scripts' recipe).
@@ -294,6 +324,7 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     module, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage.module, optimizer, dataloader, lr_scheduler)
+    accelerator.init_trackers(f"lavit-{config.stage}", config=tracker_config(config.to_dict()))
 
     if checkpoint is not None:
         check_checkpoint(checkpoint, accelerator.unwrap_model(module))
@@ -307,8 +338,9 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
                     disable=not accelerator.is_local_main_process)
     if config.validation_steps:  # a fixed batch: the first examples
         validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])
+        validation_examples = dataset.select(range(min(VALIDATION_IMAGES, len(data))))
     if config.validation_steps and step == 0 and accelerator.is_main_process:
-        validate(stage, accelerator, validation_batch, 0, output)  # the baseline
+        validate(stage, accelerator, validation_batch, validation_examples, 0, output)  # the baseline
     for epoch, batch in batches_from(dataloader, accelerator, step * config.gradient_accumulation_steps):
         if step >= config.max_steps:  # resumed from the last checkpoint of a run whose pipeline was never written
             break
@@ -330,9 +362,11 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         metrics = {k: to_number(accelerator.reduce(v.detach().float(), "mean")) for k, v in out.items()}
         progress.set_postfix(loss=metrics["loss"])
         if accelerator.is_main_process and (step % logging_steps == 0 or step == config.max_steps):
-            append_log(output, {"step": step, **metrics, "lr": lr_scheduler.get_last_lr()[0]})
+            row = {**metrics, "lr": lr_scheduler.get_last_lr()[0]}
+            append_log(output, {"step": step, **row})
+            accelerator.log(row, step=step)
         if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
-            validate(stage, accelerator, validation_batch, step, output)
+            validate(stage, accelerator, validation_batch, validation_examples, step, output)
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
             save_checkpoint(accelerator, output, step, config.checkpoints_total_limit)
         if step >= config.max_steps:
@@ -341,16 +375,24 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_pipeline_folder(model, output, stage.finish(output))
+        plot_losses(output / LOGS, output / LOSS_PLOT)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
 
 
-def validate(stage: Stage, accelerator: Accelerator, batch: dict, step: int, output: Path) -> None:
-    """Metrics on the fixed validation batch, appended to logs.jsonl."""
+def validate(stage: Stage, accelerator: Accelerator, batch: dict, examples, step: int, output: Path) -> None:
+    """Metrics on the fixed validation batch, appended to logs.jsonl; the grid of `examples` (the first dataset
+    rows) as OUT/validation/step-<step>.png; both to the run's trackers."""
     module = accelerator.unwrap_model(stage.module)
     module.eval()
     generators = example_generators(stage.config.seed, VALIDATION_EPOCH, batch["index"].tolist())
+    config, folder = stage.config, output / "validation"
     with accelerator.autocast():
-        metrics = stage.validate(batch, generators, step, output / "validation")
-    append_log(output, {"step": step, **{k: to_number(v) for k, v in metrics.items()}})
+        metrics = {k: to_number(v) for k, v in stage.validate(batch, generators, step, folder).items()}
+        grid = stage.validation_grid(list(examples[config.image_column]), list(examples[config.text_column]))
+    append_log(output, {"step": step, **metrics})
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{step}.png")
+    accelerator.log(metrics, step=step)
+    log_images(accelerator, "validation", grid, step)

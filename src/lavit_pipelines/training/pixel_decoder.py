@@ -160,23 +160,6 @@ class PixelDecoderStage(Stage):
         if self.ema is not None:
             self.ema.step(self.parameters_to_train())
 
-    def validate(self, batch, generators, step, folder) -> dict:
-        """The loss, and the first image reconstructed from its visual tokens (validation/step-<N>.png)."""
-        from ..pipelines.text2image import LavitText2ImagePipeline
-
-        metrics = super().validate(batch, generators, step, folder)
-        pipe = LavitText2ImagePipeline(tokenizer=None, language_model=None, scheduler=self.components["scheduler"],
-                                       **{k: self.components[k] for k in ("pixel_decoder", "unet", "vae", "visual_tokenizer")})
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            codes = self.components["visual_tokenizer"].tokenize(batch["pixel_values"][:1].to(self.accelerator.device),
-                                                                   generator=generators[:1])
-            image = pipe(visual_token_ids=codes, height=self.resolution, width=self.resolution, num_inference_steps=self.config.validation_inference_steps,
-                         generator=generators[0]).images[0]
-        folder.mkdir(exist_ok=True)
-        image.save(folder / f"step-{step}.png")
-        return metrics
-
     def finish(self, output) -> dict:
         """EMA weights (when kept) go into the saved models; UNet LoRA layers into pytorch_lora_weights.safetensors."""
         if self.ema is not None:

@@ -122,6 +122,7 @@ class VisualTokenizerTrainingModule(nn.Module):
 class VisualTokenizerStage(Stage):
     needed_components = ("visual_tokenizer", "pixel_decoder")
     trained_components = ("visual_tokenizer", "pixel_decoder")
+    validation_images = "reconstruction"
 
     def __init__(self, config, components, accelerator):
         super().__init__(config, components, accelerator)
