@@ -8,18 +8,8 @@ from pathlib import Path
 
 import torch
 
+from . import runner
 from .metrics import CAPTION_METRICS, caption_scores, check_caption_metrics
-from .runner import (
-    check_entries,
-    check_output_folder,
-    file_digest,
-    folder_identity,
-    load_understanding,
-    read_json,
-    run_sharded,
-    start_run,
-    write_json,
-)
 
 
 def image_id_of(entry: dict) -> int:
@@ -31,26 +21,26 @@ def image_id_of(entry: dict) -> int:
 
 def load_caption_items(annotations: str | Path, images: str | Path) -> list[dict]:
     """LAVIS-format annotations `[{"image": rel/path, "image_id"?: int}]` -> `[{"image_id", "path"}]`, checked."""
-    entries = read_json(annotations, "--annotations")
-    check_entries(entries, {"image": str}, annotations, Path(images))
+    entries = runner.read_json(annotations, "--annotations")
+    runner.check_entries(entries, {"image": str}, annotations, Path(images))
     items = []
     for index, entry in enumerate(entries):
         try:
             items.append({"image_id": image_id_of(entry), "path": str(Path(images) / entry["image"])})
         except (ValueError, TypeError) as error:
             raise ValueError(f"{annotations}: entry {index}: no integer `image_id`, and its file name ends in no number") from error
-    check_entries(items, {"image_id": int}, annotations, key="image_id")
+    runner.check_entries(items, {"image_id": int}, annotations, key="image_id")
     return items
 
 
 def load_references(ground_truth: str | Path, image_ids: list[int]) -> dict[int, list[str]]:
     """image id -> reference captions from a COCO caption file (`{"annotations": [{"image_id", "caption"}]}`);
     ValueError naming the first image id it does not cover."""
-    data = read_json(ground_truth, "--ground-truth")
+    data = runner.read_json(ground_truth, "--ground-truth")
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if annotations is None:
         raise ValueError(f"{ground_truth}: expected a COCO caption file with an 'annotations' list")
-    check_entries(annotations, {"image_id": int, "caption": str}, ground_truth)
+    runner.check_entries(annotations, {"image_id": int, "caption": str}, ground_truth)
     references = {}
     for entry in annotations:
         references.setdefault(int(entry["image_id"]), []).append(entry["caption"])
@@ -78,25 +68,23 @@ def evaluate_captioning(
     (`[{"image_id", "caption"}]`) and `output/metrics.json` (pycocoevalcap's keys for `metrics`); returns the
     metrics on the main process, None on the others. The images of a batch share one generator seeded with
     `seed + the batch's first index`."""
-    check_output_folder(output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images})
+    runner.check_output_folder(output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images})
     items = load_caption_items(annotations, images)[:limit]
     references = load_references(ground_truth, [item["image_id"] for item in items])
     check_caption_metrics(metrics)
-    config = {"task": "caption", "model": folder_identity(model_path), "images": folder_identity(images),
-              "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "seed": seed,
-              "dtype": str(dtype), "batch_size": batch_size}
-    output = start_run(output, config)
-    pipe = load_understanding(model_path, device, dtype)
+    config = runner.understanding_record("caption", model_path, images, annotations, ground_truth, seed, dtype, batch_size)
+    output = runner.start_run(output, config)
+    pipe = runner.load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)
 
     def predict(batch: list[dict], start: int) -> list[dict]:
         captions = pipe.caption([item["path"] for item in batch], generator=torch.Generator().manual_seed(seed + start))
         return [{"image_id": item["image_id"], "caption": caption} for item, caption in zip(batch, captions)]
 
-    records = run_sharded(items, "image_id", predict, output, batch_size)
+    records = runner.run_sharded(items, "image_id", predict, output, batch_size)
     if records is None:
         return None
-    write_json(output / "predictions.json", records)
+    runner.write_json(output / "predictions.json", records)
     scores = caption_scores(references, {r["image_id"]: r["caption"] for r in records}, metrics)
-    write_json(output / "metrics.json", scores)
+    runner.write_json(output / "metrics.json", scores)
     return scores

@@ -119,6 +119,15 @@ def folder_identity(path: str | Path | None) -> str | None:
     return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
+def understanding_record(task: str, model_path, images, annotations, ground_truth, seed: int, dtype, batch_size: int,
+                         **protocol) -> dict:
+    """What a captioning or VQA run records for a resume: the model and images folders, the annotation files'
+    hashes, seed, dtype, batch size and the task's protocol settings."""
+    return {"task": task, "model": folder_identity(model_path), "images": folder_identity(images),
+            "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "seed": seed,
+            "dtype": str(dtype), "batch_size": batch_size, **protocol}
+
+
 def check_run_config(output: Path, config: dict, write: bool = True) -> None:
     """ValueError naming each differing setting when `output/partial/run.json` records other settings than `config`
     (or `output/partial` holds results without a record); else record them there (with `write`)."""

@@ -15,12 +15,11 @@ from .metrics import gqa_accuracy, vqa_accuracy
 from .runner import (
     check_entries,
     check_output_folder,
-    file_digest,
-    folder_identity,
     load_understanding,
     read_json,
     run_sharded,
     start_run,
+    understanding_record,
     write_json,
 )
 
@@ -162,9 +161,8 @@ def evaluate_vqa(
         lemmatizer = load_lemmatizer() if lemmatize else None
     except (ImportError, ValueError) as error:
         raise type(error)(f"{error} (or skip it, a deviation from the original: --no-lemmatize)") from error
-    config = {"task": "vqa", "model": folder_identity(model_path), "images": folder_identity(images),
-              "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "dataset": dataset,
-              "lemmatize": lemmatize, "seed": seed, "dtype": str(dtype), "batch_size": batch_size}
+    config = understanding_record("vqa", model_path, images, annotations, ground_truth, seed, dtype, batch_size,
+                                  dataset=dataset, lemmatize=lemmatize)
     output = start_run(output, config)
     pipe = load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)
