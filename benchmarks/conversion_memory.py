@@ -43,7 +43,9 @@ def peak_rss(*args: str) -> tuple[int, float]:
 def largest_source_file(src: Path, variant: str) -> Path:
     """The largest file under the folders this conversion reads."""
     folders = ("language_model", "visual_tokenizer", PIXEL_DECODERS[variant][0])
-    return max((p for folder in folders for p in (src / folder).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    return max(
+        (p for folder in folders for p in (src / folder).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
 
 
 def main(argv=None) -> None:
@@ -57,7 +59,9 @@ def main(argv=None) -> None:
     size = largest.stat().st_size
     baseline, _ = peak_rss(IMPORT_ONLY)
     with tempfile.TemporaryDirectory() as tmp:
-        peak, seconds = peak_rss(CONVERT, str(args.checkpoint_path), str(Path(tmp) / "out"), args.pixel_decoder, args.dtype)
+        peak, seconds = peak_rss(
+            CONVERT, str(args.checkpoint_path), str(Path(tmp) / "out"), args.pixel_decoder, args.dtype
+        )
     print(describe_machine())
     print(f"largest source file : {size / MIB:10.1f} MiB  ({largest.relative_to(args.checkpoint_path)})")
     print(f"import-only peak RSS: {baseline / MIB:10.1f} MiB")

@@ -73,8 +73,10 @@ def main() -> None:
             module.latent_parameters = cache if name == "cached" else None
             times[name].append(step_seconds(module, batch))
     encoded, cached = (statistics.median(times[name][1:]) for name in ("encoded", "cached"))
-    print(f"step (batch {args.batch_size}, median of {args.repeats}): VAE encoding each step {encoded:.3f} s, "
-          f"cache_latents {cached:.3f} s, ratio {cached / encoded:.3f}")
+    print(
+        f"step (batch {args.batch_size}, median of {args.repeats}): VAE encoding each step {encoded:.3f} s, "
+        f"cache_latents {cached:.3f} s, ratio {cached / encoded:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,11 @@ FACTS = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITION
 
 def labels(scenes) -> dict[str, torch.Tensor]:
     """Per fact, the (n,) class indices of the scenes' single object."""
-    values = {"color": [s.objects[0].color for s in scenes], "shape": [s.objects[0].shape for s in scenes],
-              "position": [s.position for s in scenes]}
+    values = {
+        "color": [s.objects[0].color for s in scenes],
+        "shape": [s.objects[0].shape for s in scenes],
+        "position": [s.position for s in scenes],
+    }
     return {fact: torch.tensor([FACTS[fact].index(v) for v in vs]) for fact, vs in values.items()}
 
 
@@ -68,8 +71,11 @@ def representations(pipe, images) -> dict[str, torch.Tensor]:
         code_set[row, ids] = 1
         by_rank[row, torch.arange(len(ids)) * size + ids] = 1
     return {
-        "ViT patch features": features.flatten(1), "keep mask": keep.float(), "kept codes (set)": code_set,
-        "kept codes (by rank)": by_rank, "UNet condition": decoder(list(codes)).prompt_embeds.flatten(1),
+        "ViT patch features": features.flatten(1),
+        "keep mask": keep.float(),
+        "kept codes (set)": code_set,
+        "kept codes (by rank)": by_rank,
+        "UNet condition": decoder(list(codes)).prompt_embeds.flatten(1),
     }
 
 
@@ -90,7 +96,9 @@ def reconstructions(pipe, images, steps: int, batch_size: int = 8) -> list:
     pictures = []
     for start in range(0, len(images), batch_size):
         generator = torch.Generator().manual_seed(start)
-        pictures += pipe.reconstruct(images[start:start + batch_size], num_inference_steps=steps, generator=generator).images
+        pictures += pipe.reconstruct(
+            images[start : start + batch_size], num_inference_steps=steps, generator=generator
+        ).images
     return pictures
 
 
@@ -116,7 +124,9 @@ def main() -> None:
     scenes = [single_scene(rng) for _ in range(args.num_scenes)]
     images = [render(scene) for scene in scenes]
     y, train = labels(scenes), int(0.8 * len(scenes))
-    print(f"model {args.model}; probes: {train} train / {len(scenes) - train} test renders; pictures: {args.num_renders}")
+    print(
+        f"model {args.model}; probes: {train} train / {len(scenes) - train} test renders; pictures: {args.num_renders}"
+    )
     header = " | ".join(f"{fact:>5}" for fact in FACTS)
     print(f"| {'what is read (accuracy %)':<48} | {header} |")
     print("|" + "-" * 50 + "|" + "------:|" * len(FACTS))
@@ -124,7 +134,12 @@ def main() -> None:
         print(row(f"probe: {name}", {fact: probe_accuracy(x, y[fact], train) for fact in FACTS}), flush=True)
     few, renders = scenes[: args.num_renders], images[: args.num_renders]
     print(row("picture: VAE round trip", picture_accuracy(few, vae_round_trip(pipe, renders))), flush=True)
-    print(row("picture: reconstruction from own visual tokens", picture_accuracy(few, reconstructions(pipe, renders, args.steps))))
+    print(
+        row(
+            "picture: reconstruction from own visual tokens",
+            picture_accuracy(few, reconstructions(pipe, renders, args.steps)),
+        )
+    )
     print(f"{time.perf_counter() - start:.1f} s")
 
 

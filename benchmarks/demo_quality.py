@@ -69,8 +69,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grid-images", type=int, default=16)
     parser.add_argument("--columns", type=int, default=8)
-    parser.add_argument("--quantize", nargs="+", default=[], choices=QUANTIZATION_SCHEMES,
-                        help="also evaluate the model quantized with these schemes (and in bfloat16)")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        default=[],
+        choices=QUANTIZATION_SCHEMES,
+        help="also evaluate the model quantized with these schemes (and in bfloat16)",
+    )
     args = parser.parse_args()
     if args.model is None:
         parser.error("--model is required: no shipped demo model in this installation")
@@ -82,8 +87,13 @@ def main() -> None:
         output = args.output or Path(scratch)
         start = time.perf_counter()
         metrics = evaluate_shapes(
-            args.model, output=output, num_prompts=args.num_prompts, num_scenes=args.num_scenes, seed=args.seed,
-            batch_size=args.batch_size, generation_kwargs={"num_inference_steps": args.steps},
+            args.model,
+            output=output,
+            num_prompts=args.num_prompts,
+            num_scenes=args.num_scenes,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            generation_kwargs={"num_inference_steps": args.steps},
         )
         print(f"model {args.model}: evaluated in {time.perf_counter() - start:.1f} s")
         print(json.dumps(metrics, indent=1))
@@ -95,7 +105,9 @@ def main() -> None:
 def save_quantized(model: Path, scheme: str, folder: Path) -> Path:
     """The text-to-image pipeline of `model` loaded with `scheme` in bfloat16, saved to `folder`."""
     config = pipeline_quantization_config(scheme, LavitText2ImagePipeline.component_names(), "cpu")
-    LavitText2ImagePipeline.from_pretrained(model, quantization_config=config, dtype=torch.bfloat16).save_pretrained(folder)
+    LavitText2ImagePipeline.from_pretrained(model, quantization_config=config, dtype=torch.bfloat16).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -120,12 +132,20 @@ def compare_quantized(args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         models = {"float32": (args.model, torch.float32), "bfloat16": (args.model, torch.bfloat16)}
         for scheme in args.quantize:
-            models[f"{scheme} (bfloat16)"] = (save_quantized(args.model, scheme, Path(scratch) / scheme), torch.bfloat16)
+            models[f"{scheme} (bfloat16)"] = (
+                save_quantized(args.model, scheme, Path(scratch) / scheme),
+                torch.bfloat16,
+            )
         for name, (model, dtype) in models.items():
             start = time.perf_counter()
             results[name] = evaluate_shapes(
-                model, output=Path(scratch) / f"evaluation-{name.split()[0]}", num_prompts=args.num_prompts,
-                num_scenes=args.num_scenes, seed=args.seed, batch_size=args.batch_size, dtype=dtype,
+                model,
+                output=Path(scratch) / f"evaluation-{name.split()[0]}",
+                num_prompts=args.num_prompts,
+                num_scenes=args.num_scenes,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                dtype=dtype,
                 generation_kwargs={"num_inference_steps": args.steps},
             )
             tokens[name] = greedy_visual_tokens(model, dtype, prompts)
@@ -139,8 +159,11 @@ def compare_quantized(args) -> None:
         cells = [f"{value:.1f}"] + [f"{r[metric]:.1f} ({r[metric] - value:+.1f})" for r in list(results.values())[1:]]
         print(f"| {metric} | {' | '.join(cells)} |")
     rows = [agreement(t, tokens["float32"]) for t in tokens.values()]
-    print(f"| greedy visual tokens = float32's: positions / sequences ({len(prompts)} prompts) | "
-          + " | ".join(f"{p:.1f} / {q:.1f}" for p, q in rows) + " |")
+    print(
+        f"| greedy visual tokens = float32's: positions / sequences ({len(prompts)} prompts) | "
+        + " | ".join(f"{p:.1f} / {q:.1f}" for p, q in rows)
+        + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,22 @@ def language_model_config(small: bool):
     from lavit_pipelines.models.language_model import LavitConfig
 
     if small:
-        return LavitConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=4, max_position_embeddings=2048)
-    return LavitConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, max_position_embeddings=2048)
+        return LavitConfig(
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        )
+    return LavitConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+    )
 
 
 def write_random_model(folder: Path, small: bool) -> int:
@@ -111,13 +123,27 @@ def run_child(folder: Path, configuration: str, tokens: int) -> dict:
     start = time.perf_counter()
     model = LavitForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra).eval()
     load_s = time.perf_counter() - start
-    result = {"load s": load_s, "RSS after load GiB": rss_gib(), "anonymous RSS after load GiB": rss_gib("RssAnon"),
-              "peak RSS while loading GiB": peak_rss_gib(),
-              "weights GiB": stored_bytes(model) / 1024**3}
-    prompt = torch.cat([torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(1)), torch.tensor([IMG])])
+    result = {
+        "load s": load_s,
+        "RSS after load GiB": rss_gib(),
+        "anonymous RSS after load GiB": rss_gib("RssAnon"),
+        "peak RSS while loading GiB": peak_rss_gib(),
+        "weights GiB": stored_bytes(model) / 1024**3,
+    }
+    prompt = torch.cat(
+        [torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(1)), torch.tensor([IMG])]
+    )
     sampling = dict(
-        guidance_scale=4.0, pad_token_id=PAD, min_new_tokens=tokens, max_new_tokens=tokens, do_sample=True,
-        temperature=1.0, top_k=50, top_p=1.0, cache_implementation="static" if compiled else "dynamic", compile=compiled,
+        guidance_scale=4.0,
+        pad_token_id=PAD,
+        min_new_tokens=tokens,
+        max_new_tokens=tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        cache_implementation="static" if compiled else "dynamic",
+        compile=compiled,
     )
     for run in range(2):
         start = time.perf_counter()
@@ -125,8 +151,13 @@ def run_child(folder: Path, configuration: str, tokens: int) -> dict:
         seconds = time.perf_counter() - start
         if run == 0:
             result["first run s"] = seconds
-    result.update({"ms/token": seconds / ids.shape[1] * 1e3, "peak RSS GiB": peak_rss_gib(),
-                   "anonymous RSS after generating GiB": rss_gib("RssAnon")})
+    result.update(
+        {
+            "ms/token": seconds / ids.shape[1] * 1e3,
+            "peak RSS GiB": peak_rss_gib(),
+            "anonymous RSS after generating GiB": rss_gib("RssAnon"),
+        }
+    )
     with torch.profiler.profile() as profile:  # prefill (eager) + 2 decoding steps
         model.sample_visual_tokens([prompt], **{**sampling, "min_new_tokens": 3, "max_new_tokens": 3})
     result["ops"] = matmul_ops(profile)
@@ -167,12 +198,22 @@ def main() -> None:
     try:
         start = time.perf_counter()
         weight_bytes = write_random_model(folder, args.small)
-        print(f"wrote {weight_bytes / 1024**3:.2f} GiB of bfloat16 weights in {time.perf_counter() - start:.0f} s "
-              f"({'small' if args.small else 'LaVIT-7B'} geometry)")
+        print(
+            f"wrote {weight_bytes / 1024**3:.2f} GiB of bfloat16 weights in {time.perf_counter() - start:.0f} s "
+            f"({'small' if args.small else 'LaVIT-7B'} geometry)"
+        )
         results = {}
         for configuration in args.configurations:
-            command = [sys.executable, __file__, "--folder", str(folder), "--child", configuration,
-                       "--tokens", str(args.tokens)]
+            command = [
+                sys.executable,
+                __file__,
+                "--folder",
+                str(folder),
+                "--child",
+                configuration,
+                "--tokens",
+                str(args.tokens),
+            ]
             child = subprocess.run(command, capture_output=True, text=True, check=False)
             if child.returncode:
                 print(f"{configuration}: failed\n{child.stderr[-2000:]}")
@@ -189,15 +230,19 @@ def print_table(results: dict, weight_bytes: int, tokens: int) -> None:
     weights = weight_bytes / 1024**3
     base = results.get("bf16", {}).get("ms/token")
     print(f"\n{tokens} visual tokens with CFG (2 rows per step), second run; bf16 weights {weights:.2f} GiB")
-    print("| configuration | load s | peak RSS loading GiB (x bf16 weights) | weights GiB | peak RSS GiB "
-          "| anonymous RSS GiB | ms/token | x bf16 | matrix ops of prefill + 2 steps |")
+    print(
+        "| configuration | load s | peak RSS loading GiB (x bf16 weights) | weights GiB | peak RSS GiB "
+        "| anonymous RSS GiB | ms/token | x bf16 | matrix ops of prefill + 2 steps |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
         ratio = f"{r['ms/token'] / base:.3f}" if base else "-"
-        print(f"| {name} | {r['load s']:.1f} | {r['peak RSS while loading GiB']:.2f} "
-              f"({r['peak RSS while loading GiB'] / weights:.2f}) | {r['weights GiB']:.2f} | "
-              f"{r['peak RSS GiB']:.2f} | {r['anonymous RSS after generating GiB']:.2f} | {r['ms/token']:.1f} | {ratio} | "
-              f"{r['ops']} |")
+        print(
+            f"| {name} | {r['load s']:.1f} | {r['peak RSS while loading GiB']:.2f} "
+            f"({r['peak RSS while loading GiB'] / weights:.2f}) | {r['weights GiB']:.2f} | "
+            f"{r['peak RSS GiB']:.2f} | {r['anonymous RSS after generating GiB']:.2f} | {r['ms/token']:.1f} | {ratio} | "
+            f"{r['ops']} |"
+        )
 
 
 if __name__ == "__main__":

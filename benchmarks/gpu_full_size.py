@@ -45,19 +45,54 @@ def build_pipeline(tiny: bool, dtype: torch.dtype, device: str):
 
     unet_config, vae_config = load_config("sdxl_unet.json"), load_config("sdxl_vae.json")
     if tiny:
-        llm_config = LavitConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=4, max_position_embeddings=512)
-        unet_config.update(block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 1],
-                           attention_head_dim=[2, 4], cross_attention_dim=64, layers_per_block=1, norm_num_groups=8,
-                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8)
-        vae_config.update(block_out_channels=[16, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                          up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32)
-        decoder = LavitPixelDecoder(variant="highres", hidden_size=88, num_layers=2, mlp_dim=176, num_queries=32,
-                                    output_dim=88, prompt_embed_dims=(32, 32), pooled_embed_dim=32)
+        llm_config = LavitConfig(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
+        unet_config.update(
+            block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 1],
+            attention_head_dim=[2, 4],
+            cross_attention_dim=64,
+            layers_per_block=1,
+            norm_num_groups=8,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        )
+        vae_config.update(
+            block_out_channels=[16, 16],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        decoder = LavitPixelDecoder(
+            variant="highres",
+            hidden_size=88,
+            num_layers=2,
+            mlp_dim=176,
+            num_queries=32,
+            output_dim=88,
+            prompt_embed_dims=(32, 32),
+            pooled_embed_dim=32,
+        )
     else:
-        llm_config = LavitConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=32, max_position_embeddings=2048)
+        llm_config = LavitConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=2048,
+        )
         decoder = LavitPixelDecoder(variant="highres")
     with torch.device(device):
         language_model = LavitForCausalLM(llm_config).to(dtype)
@@ -66,8 +101,14 @@ def build_pipeline(tiny: bool, dtype: torch.dtype, device: str):
     decoder = decoder.to(device, dtype)
     scheduler = DDIMScheduler.from_config(load_config("sdxl_sched.json"))
     tokenizer = _byte_tokenizer()
-    return LavitText2ImagePipeline(tokenizer=tokenizer, language_model=language_model, pixel_decoder=decoder, unet=unet,
-                                   vae=vae, scheduler=scheduler)
+    return LavitText2ImagePipeline(
+        tokenizer=tokenizer,
+        language_model=language_model,
+        pixel_decoder=decoder,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+    )
 
 
 def quantize(pipe, scheme: str, dtype: torch.dtype, device: str) -> None:
@@ -78,7 +119,9 @@ def quantize(pipe, scheme: str, dtype: torch.dtype, device: str) -> None:
         for name, config in component_quantization_configs(scheme, pipe.components, device).items():
             model = getattr(pipe, name)
             model.save_pretrained(f"{folder}/{name}")
-            pipe.register_modules(**{name: type(model).from_pretrained(f"{folder}/{name}", dtype=dtype, quantization_config=config)})
+            pipe.register_modules(
+                **{name: type(model).from_pretrained(f"{folder}/{name}", dtype=dtype, quantization_config=config)}
+            )
 
 
 def _byte_tokenizer():
@@ -120,7 +163,9 @@ def main() -> None:
     parser.add_argument("--compile-llm", action="store_true", help="torch.compile the decoding step (implies --static)")
     parser.add_argument("--compile-unet", action="store_true", help="channels_last + torch.compile of the UNet")
     parser.add_argument("--quantize", choices=("int8", "int4", "nf4"), help="quantize the language model and the UNet")
-    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() (weights built on the CPU)")
+    parser.add_argument(
+        "--cpu-offload", action="store_true", help="enable_model_cpu_offload() (weights built on the CPU)"
+    )
     args = parser.parse_args()
 
     if args.tiny:
@@ -128,8 +173,10 @@ def main() -> None:
         args.tokens, args.steps = min(args.tokens, 24), min(args.steps, 3)  # the tiny decoder has 32 queries
     else:
         if not torch.cuda.is_available():
-            sys.exit("gpu_full_size.py needs a CUDA GPU (none found). Run it on a GPU machine, or pass --tiny to check "
-                     "the script's logic on CPU with tiny dims.")
+            sys.exit(
+                "gpu_full_size.py needs a CUDA GPU (none found). Run it on a GPU machine, or pass --tiny to check "
+                "the script's logic on CPU with tiny dims."
+            )
         device, dtype, size = "cuda", torch.bfloat16, 1024
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
@@ -145,9 +192,13 @@ def main() -> None:
     if args.compile_unet:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune" if device == "cuda" else None, fullgraph=True)
-    decoding = {"cache_implementation": "static" if (args.static or args.compile_llm) else "dynamic",
-                "compile": args.compile_llm}
-    sampling = dict(min_new_tokens=args.tokens, max_new_tokens=args.tokens, generator=torch.Generator(device).manual_seed(0))
+    decoding = {
+        "cache_implementation": "static" if (args.static or args.compile_llm) else "dynamic",
+        "compile": args.compile_llm,
+    }
+    sampling = dict(
+        min_new_tokens=args.tokens, max_new_tokens=args.tokens, generator=torch.Generator(device).manual_seed(0)
+    )
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -159,15 +210,32 @@ def main() -> None:
     latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
     step_s = timed(lambda: pipe.unet(latents, t, **unet_kwargs, return_dict=False), device, args.repeats)
-    image_s = timed(lambda: pipe("a duck", height=size, width=size, num_inference_steps=args.steps, output_type="pt",
-                                 llm_decoding_kwargs=decoding, **sampling), device, args.repeats)
+    image_s = timed(
+        lambda: pipe(
+            "a duck",
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            output_type="pt",
+            llm_decoding_kwargs=decoding,
+            **sampling,
+        ),
+        device,
+        args.repeats,
+    )
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
 
-    measured = {"ms/token": token_s / args.tokens * 1e3, "ms/UNet step": step_s * 1e3, "s/image": image_s,
-                "peak GB": peak_gb}
+    measured = {
+        "ms/token": token_s / args.tokens * 1e3,
+        "ms/UNet step": step_s * 1e3,
+        "s/image": image_s,
+        "peak GB": peak_gb,
+    }
     name = "tiny dims on CPU (logic check only; floors do not apply)" if args.tiny else torch.cuda.get_device_name()
-    print(f"{name}; {dtype}; quantize {args.quantize}; CPU offload {args.cpu_offload}; {args.tokens} visual tokens; "
-          f"{args.steps} steps at {size}²; decoding {decoding}; UNet compiled: {args.compile_unet}; medians of {args.repeats}")
+    print(
+        f"{name}; {dtype}; quantize {args.quantize}; CPU offload {args.cpu_offload}; {args.tokens} visual tokens; "
+        f"{args.steps} steps at {size}²; decoding {decoding}; UNet compiled: {args.compile_unet}; medians of {args.repeats}"
+    )
     print(describe_machine())
     print("| metric | measured | floor (H100, DESIGN §6) | target |")
     print("|---|---:|---:|---:|")

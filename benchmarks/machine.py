@@ -17,8 +17,18 @@ def cpu_model() -> str:
 
 
 # The CPU features that decide which low-precision kernels run fast.
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                "amx_int8", "avx_vnni")
+KERNEL_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+)
 
 
 def cpu_flags() -> str:
@@ -26,11 +36,15 @@ def cpu_flags() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []
+    )
     return " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "none of " + " ".join(KERNEL_FLAGS)
 
 
 def describe_machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"CPU: {cpu_model()} ({cpu_flags()}); {torch.get_num_threads()} torch threads; {gpu}; "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"CPU: {cpu_model()} ({cpu_flags()}); {torch.get_num_threads()} torch threads; {gpu}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )

@@ -62,8 +62,11 @@ def weight_gib(name: str, model: torch.nn.Module, scheme: str | None) -> float:
     quantized = {}
     if scheme:
         skipped = {"lm_head"} if name == "language_model" else set()
-        quantized = {f"{m}.weight": mod for m, mod in model.named_modules()
-                     if isinstance(mod, torch.nn.Linear) and m not in skipped}
+        quantized = {
+            f"{m}.weight": mod
+            for m, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and m not in skipped
+        }
     total = 0.0
     for key, param in model.named_parameters():
         if key in quantized:
@@ -87,8 +90,10 @@ def main() -> None:
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in components.items()}
     print("| component | parameters | bf16 GiB | int8 GiB | int4 GiB | nf4 GiB |")
     print("|---|---:|---:|---:|---:|---:|")
-    weights = {scheme: {name: weight_gib(name, m, scheme) for name, m in components.items()}
-               for scheme in (None, "int8", "int4", "nf4")}
+    weights = {
+        scheme: {name: weight_gib(name, m, scheme) for name, m in components.items()}
+        for scheme in (None, "int8", "int4", "nf4")
+    }
     for name in components:
         cells = " | ".join(f"{weights[s][name]:.2f}" for s in weights)
         print(f"| {name} | {params[name] / 1e9:.3f} B | {cells} |")
@@ -99,10 +104,16 @@ def main() -> None:
     }
     print("\n| configuration (`--quantize`) | " + " | ".join(f"{t}: resident / offload" for t in tasks) + " |")
     print("|---|" + "---:|" * len(tasks))
-    labels = {None: "bf16", "int8": "int8 (LLM int8, UNet int8)", "int4": "int4 (LLM int4, UNet int8)",
-              "nf4": "nf4 (LLM nf4, UNet nf4)"}
+    labels = {
+        None: "bf16",
+        "int8": "int8 (LLM int8, UNet int8)",
+        "int4": "int4 (LLM int4, UNet int8)",
+        "nf4": "nf4 (LLM nf4, UNet nf4)",
+    }
     for scheme, label in labels.items():
-        cells = [f"{peak(weights[scheme], s, False):.1f} / {peak(weights[scheme], s, True):.1f}" for s in tasks.values()]
+        cells = [
+            f"{peak(weights[scheme], s, False):.1f} / {peak(weights[scheme], s, True):.1f}" for s in tasks.values()
+        ]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -60,7 +60,9 @@ def main() -> None:
         path = convert(str(FIXTURE), str(Path(tempfile.mkdtemp()) / "lavit-tiny"))
     pipe = LavitText2ImagePipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=args.steps, min_new_tokens=args.tokens, max_new_tokens=args.tokens, output_type="np")
+    kwargs = dict(
+        num_inference_steps=args.steps, min_new_tokens=args.tokens, max_new_tokens=args.tokens, output_type="np"
+    )
     if args.size:
         kwargs.update(height=args.size, width=args.size)
     pipe("warm-up", generator=torch.Generator().manual_seed(0), **kwargs)
@@ -82,8 +84,10 @@ def main() -> None:
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     tokens = len(out.visual_token_ids[0])
-    print(f"pipeline {path}; image {out.images.shape[1]}x{out.images.shape[2]}; {tokens} visual tokens; "
-          f"{args.steps} UNet steps (CFG batch 2)")
+    print(
+        f"pipeline {path}; image {out.images.shape[1]}x{out.images.shape[2]}; {tokens} visual tokens; "
+        f"{args.steps} UNet steps (CFG batch 2)"
+    )
     print(describe_machine())
     print("| stage | calls | total ms | per call ms | share |")
     print("|---|---:|---:|---:|---:|")
@@ -93,10 +97,14 @@ def main() -> None:
     rest = total - sum(t.seconds for t in timers.values())
     print(f"| rest (prompt, scheduler, post-processing) | | {rest * 1e3:.1f} | | {rest / total:.0%} |")
     print(f"| **total** | | {total * 1e3:.1f} | | |")
-    print(f"per visual token: {timers['visual tokens (LLM)'].seconds / tokens * 1e3:.2f} ms; "
-          f"per UNet step: {timers['UNet (all steps)'].seconds / args.steps * 1e3:.2f} ms")
-    print(f"peak traced allocations during the call (tracemalloc; tensors are not traced): {traced_peak / 2**20:.1f} MiB; "
-          f"peak RSS of the process: {rss_peak:.0f} MiB")
+    print(
+        f"per visual token: {timers['visual tokens (LLM)'].seconds / tokens * 1e3:.2f} ms; "
+        f"per UNet step: {timers['UNet (all steps)'].seconds / args.steps * 1e3:.2f} ms"
+    )
+    print(
+        f"peak traced allocations during the call (tracemalloc; tensors are not traced): {traced_peak / 2**20:.1f} MiB; "
+        f"peak RSS of the process: {rss_peak:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,18 @@ from lavit_pipelines.worlds.shapes import (
 from machine import describe_machine
 
 SUBJECTS = ("sks:purple:triangle", "zwx:green:square", "qrv:pink=240,100,170:circle")
-OLD_METRICS = ("generation/one/color", "generation/one/shape", "generation/one/position", "generation/two/color",
-               "generation/two/shape", "caption/all", "vqa/color", "vqa/count", "vqa/position", "vqa/left_shape")
+OLD_METRICS = (
+    "generation/one/color",
+    "generation/one/shape",
+    "generation/one/position",
+    "generation/two/color",
+    "generation/two/shape",
+    "caption/all",
+    "vqa/color",
+    "vqa/count",
+    "vqa/position",
+    "vqa/left_shape",
+)
 
 
 def parse_subject(text: str) -> tuple[str, str, tuple[int, int, int], str]:
@@ -91,7 +101,9 @@ def subject_generations(model: Path, token: str, num_prompts: int) -> tuple[list
     pipe.set_progress_bar_config(disable=True)
     positions = [list(POSITIONS)[i % len(POSITIONS)] for i in range(num_prompts)]
     prompts = [f"a {token} {PHRASES[p]}" for p in positions]
-    return positions, pipe(prompts, generator=[torch.Generator().manual_seed(1000 + i) for i in range(num_prompts)]).images
+    return positions, pipe(
+        prompts, generator=[torch.Generator().manual_seed(1000 + i) for i in range(num_prompts)]
+    ).images
 
 
 def draw_rows(rows: list[list], path: Path, cell: int = 96) -> None:
@@ -122,8 +134,9 @@ def merged_folder(model: Path, scratch: Path) -> Path:
 
 def old_metrics(model: Path, scratch: Path, args) -> dict[str, float]:
     output = scratch / f"shapes-{len(list(scratch.iterdir()))}"
-    metrics = evaluate_shapes(model, output=output, num_prompts=args.old_prompts, num_scenes=args.old_scenes, seed=0,
-                              batch_size=8)
+    metrics = evaluate_shapes(
+        model, output=output, num_prompts=args.old_prompts, num_scenes=args.old_scenes, seed=0, batch_size=8
+    )
     return {key: metrics[key] for key in OLD_METRICS}
 
 
@@ -152,8 +165,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(describe_machine())
-    print(f"threads {torch.get_num_threads()}; steps {args.max_steps}, learning rate {args.learning_rate}, "
-          f"lora {args.lora}, prior preservation {args.prior_preservation}")
+    print(
+        f"threads {torch.get_num_threads()}; steps {args.max_steps}, learning rate {args.learning_rate}, "
+        f"lora {args.lora}, prior preservation {args.prior_preservation}"
+    )
     with tempfile.TemporaryDirectory() as temporary:
         scratch = args.output or Path(temporary)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -163,31 +178,54 @@ def main() -> None:
             token, name, rgb, shape = parse_subject(subject)
             images = scratch / f"{token}-images"
             write_subject_images(images, token, name, rgb, shape, args.num_images, seed=index)
-            config = SubjectConfig(model=str(args.model), images=str(images), token=token, class_word=shape,
-                                   output=str(scratch / f"{token}-run"), max_steps=args.max_steps,
-                                   learning_rate=args.learning_rate, lora=args.lora,
-                                   prior_preservation=args.prior_preservation)
+            config = SubjectConfig(
+                model=str(args.model),
+                images=str(images),
+                token=token,
+                class_word=shape,
+                output=str(scratch / f"{token}-run"),
+                max_steps=args.max_steps,
+                learning_rate=args.learning_rate,
+                lora=args.lora,
+                prior_preservation=args.prior_preservation,
+            )
             wall, cpu = time.perf_counter(), cpu_seconds()
             model = train_subject(config)
             wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
             positions, pictures = subject_generations(model, token, args.num_prompts)
-            accuracy = 100.0 * sum(shows_subject(im, name, rgb, shape, p) for im, p in zip(pictures, positions)) / len(positions)
+            accuracy = (
+                100.0
+                * sum(shows_subject(im, name, rgb, shape, p) for im, p in zip(pictures, positions))
+                / len(positions)
+            )
             if args.grids:  # training renders, the base model's pictures of the same prompts, the fine-tuned model's
                 renders = [PIL.Image.open(images / f"{i:03d}.png") for i in range(len(POSITIONS))]
                 base = subject_generations(args.model, token, len(POSITIONS))[1]
                 draw_rows([renders, base, pictures[: len(POSITIONS)]], args.grids / f"subject-{token}.png")
             after = old_metrics(merged_folder(model, scratch / f"{token}-run"), scratch, args)
-            rows.append({"subject": f"{token} = {name} {shape}", "steps": args.max_steps, "wall_s": round(wall, 1),
-                         "cpu_s": round(cpu, 1), "subject_accuracy": accuracy, "old_after": after})
+            rows.append(
+                {
+                    "subject": f"{token} = {name} {shape}",
+                    "steps": args.max_steps,
+                    "wall_s": round(wall, 1),
+                    "cpu_s": round(cpu, 1),
+                    "subject_accuracy": accuracy,
+                    "old_after": after,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\nold metrics of the base model ({args.old_prompts} prompts, {args.old_scenes} scenes): {json.dumps(before)}")
+    print(
+        f"\nold metrics of the base model ({args.old_prompts} prompts, {args.old_scenes} scenes): {json.dumps(before)}"
+    )
     print("| subject | steps | wall / CPU s | subject at the asked place | largest old-metric drop (points) |")
     print("|---|---:|---:|---:|---|")
     for row in rows:
         drops = {key: before[key] - row["old_after"][key] for key in OLD_METRICS}
         worst = max(drops, key=drops.get)
-        print(f"| {row['subject']} | {row['steps']} | {row['wall_s']} / {row['cpu_s']} | "
-              f"{row['subject_accuracy']:.1f} % ({args.num_prompts} prompts) | {worst} {drops[worst]:+.1f} |")
+        print(
+            f"| {row['subject']} | {row['steps']} | {row['wall_s']} / {row['cpu_s']} | "
+            f"{row['subject_accuracy']:.1f} % ({args.num_prompts} prompts) | {worst} {drops[worst]:+.1f} |"
+        )
 
 
 if __name__ == "__main__":

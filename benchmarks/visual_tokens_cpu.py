@@ -34,9 +34,16 @@ IMG, END_IMG, PAD = 32000, 32001, 2
 def build_model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=2048, pad_token_id=PAD,
-        bos_token_id=IMG, eos_token_id=END_IMG,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        pad_token_id=PAD,
+        bos_token_id=IMG,
+        eos_token_id=END_IMG,
     )
     model = LlamaForCausalLM(config).eval()
     for param in model.parameters():  # a sharper output distribution than the default init, like a trained head
@@ -52,16 +59,32 @@ def run_original(model, prompt: torch.Tensor, guidance_scale: float, tokens: int
     """LaVIT's `generate_image` call: inputs_embeds + transformers' unbatched CFG (two forwards per token)."""
     embeds = model.get_input_embeddings()(prompt[None])
     return model.generate(
-        inputs_embeds=embeds, attention_mask=torch.ones_like(prompt[None]), guidance_scale=guidance_scale,
-        negative_prompt_ids=torch.tensor([[IMG]]), suppress_tokens=list(range(3, 32000)),
-        bos_token_id=IMG, eos_token_id=END_IMG, pad_token_id=PAD, **sampling_args(tokens, do_sample),
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(prompt[None]),
+        guidance_scale=guidance_scale,
+        negative_prompt_ids=torch.tensor([[IMG]]),
+        suppress_tokens=list(range(3, 32000)),
+        bos_token_id=IMG,
+        eos_token_id=END_IMG,
+        pad_token_id=PAD,
+        **sampling_args(tokens, do_sample),
     )
 
 
-def run_ours(model, prompt: torch.Tensor, guidance_scale: float, tokens: int, do_sample: bool, **kwargs) -> torch.Tensor:
+def run_ours(
+    model, prompt: torch.Tensor, guidance_scale: float, tokens: int, do_sample: bool, **kwargs
+) -> torch.Tensor:
     return sample_visual_tokens(
-        model, [prompt], guidance_scale=guidance_scale, unconditional_prompt=[IMG], suppress_ids=range(3, 32000),
-        eos_token_id=END_IMG, pad_token_id=PAD, temperature=1.0, **sampling_args(tokens, do_sample), **kwargs,
+        model,
+        [prompt],
+        guidance_scale=guidance_scale,
+        unconditional_prompt=[IMG],
+        suppress_ids=range(3, 32000),
+        eos_token_id=END_IMG,
+        pad_token_id=PAD,
+        temperature=1.0,
+        **sampling_args(tokens, do_sample),
+        **kwargs,
     )
 
 
@@ -94,7 +117,9 @@ def low_precision_models(model) -> dict:
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     int8 = copy.deepcopy(bf16)
-    quantize_(int8, Int8WeightOnlyConfig(), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head")
+    quantize_(
+        int8, Int8WeightOnlyConfig(), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head"
+    )
     return {"bf16": bf16, "int8": int8}
 
 
@@ -121,8 +146,11 @@ def kernel_table(dim: int, layers: int, rows: int, repeats: int) -> None:
             x = torch._weight_int8pack_mm(x, q, s)
         return x
 
-    paths = {"fp32 F.linear": (base, x32), "bf16 F.linear": (copy.deepcopy(base).bfloat16(), x32.bfloat16()),
-             "torch._weight_int8pack_mm, bf16 activations": (int8pack, x32.bfloat16())}
+    paths = {
+        "fp32 F.linear": (base, x32),
+        "bf16 F.linear": (copy.deepcopy(base).bfloat16(), x32.bfloat16()),
+        "torch._weight_int8pack_mm, bf16 activations": (int8pack, x32.bfloat16()),
+    }
     for dtype, x in ((torch.float32, x32), (torch.bfloat16, x32.bfloat16())):
         quantized = copy.deepcopy(base).to(dtype)
         quantize_(quantized, Int8WeightOnlyConfig())
@@ -157,8 +185,11 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="also time the static-cache path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--low-precision", action="store_true", help="also bfloat16 and int8, eager and compiled")
-    parser.add_argument("--kernels", action="store_true",
-                        help="only the kernel table: 8 layers of 4096x4096 at 2 rows per fp32 / bf16 / int8 path")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only the kernel table: 8 layers of 4096x4096 at 2 rows per fp32 / bf16 / int8 path",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,8 +198,12 @@ def main() -> None:
         return kernel_table(4096, 8, 2, args.repeats)
 
     model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.vocab)
-    prompt = torch.cat([torch.randint(3, 32000, (args.prompt_length,), generator=torch.Generator().manual_seed(1)),
-                        torch.tensor([IMG])])
+    prompt = torch.cat(
+        [
+            torch.randint(3, 32000, (args.prompt_length,), generator=torch.Generator().manual_seed(1)),
+            torch.tensor([IMG]),
+        ]
+    )
     g, n = args.guidance_scale, args.tokens
 
     # Same tokens on both paths (greedy, and seeded sampling) before timing anything.
@@ -183,12 +218,19 @@ def main() -> None:
 
     do_sample = not args.greedy
     rows = [
-        ("original: generate(guidance_scale=...), 2 forwards/token", lambda: run_original(model, prompt, g, n, do_sample)),
+        (
+            "original: generate(guidance_scale=...), 2 forwards/token",
+            lambda: run_original(model, prompt, g, n, do_sample),
+        ),
         ("ours: sample_visual_tokens, batched CFG, DynamicCache", lambda: run_ours(model, prompt, g, n, do_sample)),
     ]
     if args.static:
-        rows.append(("ours: sample_visual_tokens, StaticCache",
-                     lambda: run_ours(model, prompt, g, n, do_sample, cache_implementation="static")))
+        rows.append(
+            (
+                "ours: sample_visual_tokens, StaticCache",
+                lambda: run_ours(model, prompt, g, n, do_sample, cache_implementation="static"),
+            )
+        )
     kernels = {}
     if args.low_precision:
         for label, copy_ in low_precision_models(model).items():
@@ -203,10 +245,12 @@ def main() -> None:
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{describe_machine()}, transformers {transformers.__version__}")
-    print(f"LLM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
-          f"vocab {args.vocab} ({params:.1f}M params, fp32); prompt {args.prompt_length + 1} tokens; "
-          f"{n} tokens; guidance {g}; {'greedy' if args.greedy else 'top-k 50 sampling'}; "
-          f"median of {args.repeats} interleaved runs after 1 warm-up")
+    print(
+        f"LLM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+        f"vocab {args.vocab} ({params:.1f}M params, fp32); prompt {args.prompt_length + 1} tokens; "
+        f"{n} tokens; guidance {g}; {'greedy' if args.greedy else 'top-k 50 sampling'}; "
+        f"median of {args.repeats} interleaved runs after 1 warm-up"
+    )
     base = results[0][1]
     print(f"| {'path':<58} | ms/token | total s | ratio |")
     print(f"|{'-' * 60}|---------:|--------:|------:|")
@@ -219,8 +263,10 @@ def main() -> None:
 
     with torch.no_grad():
         rowwise, gemm = head_product_medians(model, 2, args.repeats)
-    print(f"\nSampled head ({args.vocab - IMG} x {args.hidden}) for the 2 CFG rows, ms per product: row by row "
-          f"(rowwise_linear) {rowwise * 1e2:.3f}, one 2-row F.linear {gemm * 1e2:.3f}, ratio {rowwise / gemm:.3f}")
+    print(
+        f"\nSampled head ({args.vocab - IMG} x {args.hidden}) for the 2 CFG rows, ms per product: row by row "
+        f"(rowwise_linear) {rowwise * 1e2:.3f}, one 2-row F.linear {gemm * 1e2:.3f}, ratio {rowwise / gemm:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Convert the released LaVIT checkpoint into a folder that the lavit_pipelines pipelines load.
 
-    python conversion/convert_lavit_to_diffusers.py --checkpoint_path rain1011/LaVIT-7B-v2 --dump_path lavit-7b-v2
+python conversion/convert_lavit_to_diffusers.py --checkpoint_path rain1011/LaVIT-7B-v2 --dump_path lavit-7b-v2
 """
 
 import argparse

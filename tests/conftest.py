@@ -62,8 +62,15 @@ def training_base(tmp_path_factory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         components["visual_tokenizer"] = LavitVisualTokenizer(
-            image_size=56, hidden_size=88, encoder_layers=1, encoder_mlp_dim=64, merger_layers=1, merger_mlp_dim=64,
-            codebook_size=CODEBOOK_SIZE, codebook_dim=32, llm_hidden_size=LLM_HIDDEN,
+            image_size=56,
+            hidden_size=88,
+            encoder_layers=1,
+            encoder_mlp_dim=64,
+            merger_layers=1,
+            merger_mlp_dim=64,
+            codebook_size=CODEBOOK_SIZE,
+            codebook_dim=32,
+            llm_hidden_size=LLM_HIDDEN,
         )
     components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
     folder = tmp_path_factory.mktemp("training") / "base"

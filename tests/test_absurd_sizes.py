@@ -42,8 +42,9 @@ ABSURD = [
 
 
 @pytest.mark.parametrize("component, settings, pipeline_cls", ABSURD)
-def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(saved, tmp_path, component, settings,
-                                                                            pipeline_cls):
+def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(
+    saved, tmp_path, component, settings, pipeline_cls
+):
     folder = copy_with(saved, tmp_path, component, **settings)
     with pytest.raises(ValueError) as raised:
         pipeline_cls.from_pretrained(folder)
@@ -54,6 +55,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(save
 def test_an_image_size_that_cannot_fit_memory_is_refused_before_any_model_runs(saved):
     """65536² on a model that draws 64²: refused with the estimate and what is available, before the pixel decoder,
     the UNet or the VAE run (or the latents are allocated)."""
+
     def ran(module, _):
         raise AssertionError(f"{type(module).__name__} ran")
 

@@ -51,8 +51,13 @@ def served(tmp_path_factory):
     examples = tmp_path_factory.mktemp("examples")
     app = LavitApp(pipe, examples_folder=examples)
     blocks = app.blocks()
-    blocks.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                  allowed_paths=[str(examples)])
+    blocks.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        allowed_paths=[str(examples)],
+    )
     yield app, blocks.local_url
     blocks.close()
 
@@ -78,8 +83,9 @@ def generate_args(prompt=PROMPT, seed=0, num_images=1, steps=STEPS, size=NATIVE_
 
 def pipeline_image(app: LavitApp, prompt: str, seed: int, steps: int, images=None) -> np.ndarray:
     generator = torch.Generator().manual_seed(seed)
-    image = app.text2image(prompt, image=images, generator=generator, num_inference_steps=steps, guidance_scale=2.5,
-                           llm_guidance_scale=4.0).images[0]
+    image = app.text2image(
+        prompt, image=images, generator=generator, num_inference_steps=steps, guidance_scale=2.5, llm_guidance_scale=4.0
+    ).images[0]
     return np.asarray(image)
 
 
@@ -99,12 +105,22 @@ def test_generate_gives_the_pipelines_images_with_their_seeds(served, client):
 def test_generate_with_an_image_prompt_and_an_aspect_ratio_size(served, client, scene):
     app, _ = served
     prompt = "<image> a blue square"
-    gallery, _ = client.predict(*generate_args(prompt, seed=2, height=32, width=48, images=[scene[0]]), api_name="/generate")
+    gallery, _ = client.predict(
+        *generate_args(prompt, seed=2, height=32, width=48, images=[scene[0]]), api_name="/generate"
+    )
     image = pixels(gallery[0]["image"])
     assert image.shape == (32, 48, 3)
     generator = torch.Generator().manual_seed(2)
-    expected = app.text2image(prompt, image=[str(scene[0])], generator=generator, num_inference_steps=STEPS, height=32,
-                              width=48, guidance_scale=2.5, llm_guidance_scale=4.0).images[0]
+    expected = app.text2image(
+        prompt,
+        image=[str(scene[0])],
+        generator=generator,
+        num_inference_steps=STEPS,
+        height=32,
+        width=48,
+        guidance_scale=2.5,
+        llm_guidance_scale=4.0,
+    ).images[0]
     np.testing.assert_array_equal(image, np.asarray(expected))
 
 
@@ -165,7 +181,11 @@ def test_bad_input_gets_the_cli_message_and_the_app_keeps_serving(served, client
     not_image.write_text("not an image")
     bomb = decompression_bomb(tmp_path / "bomb.png")
     for path in (not_image, bomb):
-        for api_name, args in (("/caption", [0]), ("/ask", ["what color is the circle?", 0]), ("/reconstruct", [0, STEPS])):
+        for api_name, args in (
+            ("/caption", [0]),
+            ("/ask", ["what color is the circle?", 0]),
+            ("/reconstruct", [0, STEPS]),
+        ):
             with pytest.raises(AppError) as error:
                 client.predict(handle_file(str(path)), *args, api_name=api_name)
             assert as_uploaded(error, path) == cli_message(check_image_file, str(path), "IMAGE")
@@ -175,8 +195,14 @@ def test_bad_input_gets_the_cli_message_and_the_app_keeps_serving(served, client
     cases = [
         (generate_args(long_prompt), cli_message(check_prompt, long_prompt, [])),
         (generate_args(height=30), cli_message(image_size, Namespace(aspect_ratio=None, height=30, width=None))),
-        (generate_args(width=100_000), cli_message(image_size, Namespace(aspect_ratio=None, height=None, width=100_000))),
-        (generate_args(height=64, size="4:3"), cli_message(image_size, Namespace(aspect_ratio="4:3", height=64, width=None))),
+        (
+            generate_args(width=100_000),
+            cli_message(image_size, Namespace(aspect_ratio=None, height=None, width=100_000)),
+        ),
+        (
+            generate_args(height=64, size="4:3"),
+            cli_message(image_size, Namespace(aspect_ratio="4:3", height=64, width=None)),
+        ),
         (generate_args("<image> a circle"), cli_message(check_prompt, "<image> a circle", [])),
         (generate_args(seed=2**64), "--seed must be an integer in [-2**63, 2**64), got 18446744073709551616"),
         (generate_args(num_images=2.5), "--num-images must be an integer in [1, 8], got 2.5"),
@@ -201,8 +227,13 @@ def test_twenty_concurrent_requests_complete_in_order_with_memory_flat(served, c
     finished = []
     jobs = []
     for seed in range(20):  # each request joins the queue before the next is sent
-        jobs.append(client.submit(*generate_args(seed=seed, steps=2), api_name="/generate",
-                                  result_callbacks=[lambda *outputs, seed=seed: finished.append(seed)]))
+        jobs.append(
+            client.submit(
+                *generate_args(seed=seed, steps=2),
+                api_name="/generate",
+                result_callbacks=[lambda *outputs, seed=seed: finished.append(seed)],
+            )
+        )
         while jobs[-1].status().code not in QUEUED:
             time.sleep(0.01)
     results = [job.result(timeout=300) for job in jobs]

@@ -19,7 +19,9 @@ SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lavit_pipelines.cli", *args], capture_output=True, text=True, env=SINGLE_THREAD)
+    return subprocess.run(
+        [sys.executable, "-m", "lavit_pipelines.cli", *args], capture_output=True, text=True, env=SINGLE_THREAD
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,10 @@ def test_generate_on_embedded_model_is_reproducible(tmp_path, capsys):
 def test_generate_warns_of_unseen_words_on_stderr(tmp_path, capsys):
     assert main(["generate", "a red duck in the snow", "--output", str(tmp_path / "x.png"), *FAST]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit")]  # not progress bars
-    assert err == ["lavit generate: warning: the model was never trained on the words 'duck', 'snow': expect a "
-                   "picture of something else"]
+    assert err == [
+        "lavit generate: warning: the model was never trained on the words 'duck', 'snow': expect a "
+        "picture of something else"
+    ]
     assert main(["generate", "A red circle in the center.", "--output", str(tmp_path / "y.png"), *FAST]) == 0
     assert "lavit generate: warning" not in capsys.readouterr().err
 
@@ -60,7 +64,12 @@ def test_unseen_words_only_for_a_model_that_declares_its_words(converted_dir):
 
 def test_generate_several_images_and_image_prompt(tmp_path, photo):
     out = tmp_path / "duck.png"
-    assert main(["generate", "<image> in the snow", "--image", str(photo), "--num-images", "2", "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            ["generate", "<image> in the snow", "--image", str(photo), "--num-images", "2", "--output", str(out), *FAST]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["duck-0.png", "duck-1.png"]
 
 
@@ -105,7 +114,10 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "denoising steps (default: 25)" in text and "decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)" in text
+    assert (
+        "denoising steps (default: 25)" in text
+        and "decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)" in text
+    )
     assert "NAME-0.png" in text and "(default: None)" not in text
 
 
@@ -128,7 +140,10 @@ def test_reconstruct(tmp_path, photo):
         (["generate", "--prompts", "{tmp}/p.txt"], "--prompts needs --output-dir"),
         (["caption", "{tmp}/nope.jpg"], "no such file"),
         (["convert", "{tmp}/no-checkpoint", "{tmp}/out"], "neither a folder nor a Hub repo id"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--model", "{tmp}/no-model"], "neither a converted LaVIT folder"),
+        (
+            ["generate", "a duck", "--output", "{tmp}/x.png", "--model", "{tmp}/no-model"],
+            "neither a converted LaVIT folder",
+        ),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "-2"], "--guidance-scale must be"),
     ],
 )
@@ -160,9 +175,25 @@ def test_prompt_file_sharded_across_two_processes(tmp_path):
     single = run_cli(*args, "--output-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     # `--cpu --num_processes 2` starts one process in accelerate 1.15: two CPU processes need --multi_gpu.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "lavit_pipelines.cli", *args, "--output-dir", str(tmp_path / "two")]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lavit_pipelines.cli",
+        *args,
+        "--output-dir",
+        str(tmp_path / "two"),
+    ]
     double = subprocess.run(launch, capture_output=True, text=True, env={**SINGLE_THREAD, "ACCELERATE_USE_CPU": "1"})
     assert double.returncode == 0, double.stderr[-8000:]
     names = sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -183,8 +214,12 @@ print(code, sorted(m for m in ("torch", "diffusers", "transformers") if m in sys
 @pytest.mark.parametrize("output", ["folder", "folder.png"])
 def test_generate_refuses_an_existing_folder_as_output_before_importing_torch(tmp_path, output):
     (tmp_path / output).mkdir()
-    result = subprocess.run([sys.executable, "-c", REFUSAL_IMPORTS, "generate", "a red circle", "--output",
-                             str(tmp_path / output)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSAL_IMPORTS, "generate", "a red circle", "--output", str(tmp_path / output)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.splitlines()[-1] == "2 []"
     assert result.stderr.startswith("lavit generate: error: --output") and result.stderr.count("\n") == 1
 

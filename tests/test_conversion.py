@@ -87,7 +87,11 @@ def test_fixture_conversion_loads_every_component(converted_dir, converted_lowre
         assert tokenizer(ref["t2i_prompt"], add_special_tokens=False).input_ids == ref["t2i_prompt_ids"]
         assert (tokenizer.padding_side, tokenizer.pad_token_id) == ("left", 2)
         lm = LavitForCausalLM.from_pretrained(folder / "language_model")
-        assert (lm.config.image_start_token_id, lm.config.visual_vocab_size, lm.config.vocab_size) == (IMG, 16384, 48386)
+        assert (lm.config.image_start_token_id, lm.config.visual_vocab_size, lm.config.vocab_size) == (
+            IMG,
+            16384,
+            48386,
+        )
         logits = lm(torch.tensor([ref["t2i_prompt_ids"] + [IMG]])).logits[0]
         assert (logits - tensors["t2i_prompt_logits"]).abs().max() / tensors["t2i_prompt_logits"].abs().max() < 1e-4
         assert LavitVisualTokenizer.from_pretrained(folder / "visual_tokenizer").dtype == torch.float32
@@ -95,8 +99,14 @@ def test_fixture_conversion_loads_every_component(converted_dir, converted_lowre
         assert UNet2DConditionModel.from_pretrained(folder / "unet").config.cross_attention_dim == cross_dim
         assert AutoencoderKL.from_pretrained(folder / "vae").config.latent_channels == 4
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        release = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-                       set_alpha_to_one=False)
+        release = dict(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
         assert {k: scheduler.config[k] for k in release} == release
     pipe = LavitText2ImagePipeline.from_pretrained(converted_dir)
     assert isinstance(pipe.language_model, LavitForCausalLM) and isinstance(pipe.visual_tokenizer, LavitVisualTokenizer)
@@ -178,7 +188,9 @@ def reshard(lm_dir: Path) -> None:
         torch.save({k: state[k] for k in part}, lm_dir / name)
         weight_map.update(dict.fromkeys(part, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (lm_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (lm_dir / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
 
 
 @torch.no_grad()
@@ -198,8 +210,14 @@ def test_existing_output_overwrite_and_sharded_source(checkpoint_dir, converted_
     assert cli.main(argv + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
     assert [p.name for p in out.parent.iterdir()] == ["lavit"], "no backup or temporary folder left"
-    lm_files = sorted(p.name for p in (out / "language_model").iterdir() if "model" in p.name and "config" not in p.name)
-    assert lm_files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    lm_files = sorted(
+        p.name for p in (out / "language_model").iterdir() if "model" in p.name and "config" not in p.name
+    )
+    assert lm_files == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     sharded = LavitForCausalLM.from_pretrained(out / "language_model")
     single = LavitForCausalLM.from_pretrained(converted_dir / "language_model")
     expected = single.state_dict()
@@ -250,14 +268,31 @@ def unseen_checkpoint(checkpoint_dir, tmp_path_factory):
     codebook 64×16, decoder width 88 with 3 layers and 64 queries, sharded LLM, bf16), built from our own
     randomly initialised components -> (folder, {component: our bf16 state dict}, {component: our config})."""
     torch.manual_seed(0)
-    tokenizer = randomized(LavitVisualTokenizer(
-        hidden_size=264, encoder_layers=3, encoder_mlp_dim=128, merger_layers=1, merger_mlp_dim=96,
-        codebook_size=CODEBOOK[0], codebook_dim=CODEBOOK[1], llm_hidden_size=LLM_DIMS["hidden_size"],
-    ))
-    decoder = randomized(LavitPixelDecoder(
-        codebook_size=CODEBOOK[0], codebook_dim=CODEBOOK[1], hidden_size=88, num_layers=3, mlp_dim=72, num_queries=64,
-        output_dim=88, prompt_embed_dims=(32, 48), pooled_embed_dim=48,
-    ))
+    tokenizer = randomized(
+        LavitVisualTokenizer(
+            hidden_size=264,
+            encoder_layers=3,
+            encoder_mlp_dim=128,
+            merger_layers=1,
+            merger_mlp_dim=96,
+            codebook_size=CODEBOOK[0],
+            codebook_dim=CODEBOOK[1],
+            llm_hidden_size=LLM_DIMS["hidden_size"],
+        )
+    )
+    decoder = randomized(
+        LavitPixelDecoder(
+            codebook_size=CODEBOOK[0],
+            codebook_dim=CODEBOOK[1],
+            hidden_size=88,
+            num_layers=3,
+            mlp_dim=72,
+            num_queries=64,
+            output_dim=88,
+            prompt_embed_dims=(32, 48),
+            pooled_embed_dim=48,
+        )
+    )
     decoder.codebook.weight.data.copy_(tokenizer.codebook.weight.data)
     vocab = 32000 + 2 + CODEBOOK[0]
     lm_config = LavitConfig(vocab_size=vocab, visual_vocab_size=CODEBOOK[0], **LLM_DIMS)
@@ -266,30 +301,59 @@ def unseen_checkpoint(checkpoint_dir, tmp_path_factory):
     src = linked_copy(checkpoint_dir, tmp_path_factory.mktemp("unseen") / "src")
     for name in ("language_model/pytorch_model.bin", "language_model/config.json", "language_model/visual_weight.bin"):
         (src / name).unlink()
-    for name in ("eva_vitg_psz14.bin", "tokenizer_encoder.bin", "highres_tokenizer_decoder.bin", "tokenizer_decoder.bin"):
+    for name in (
+        "eva_vitg_psz14.bin",
+        "tokenizer_encoder.bin",
+        "highres_tokenizer_decoder.bin",
+        "tokenizer_decoder.bin",
+    ):
         (src / "visual_tokenizer" / name).unlink()
     fixture = checkpoint_dir / "visual_tokenizer"
     ours = tokenizer.state_dict()
     width = tokenizer.config.hidden_size
     eva_ignored = {"norm.weight": (width,), "norm.bias": (width,), "head.weight": (64, width), "head.bias": (64,)}
-    release_file(src / "visual_tokenizer/eva_vitg_psz14.bin", release_names(fixture / "eva_vitg_psz14.bin", 3), ours,
-                 EVA_KEYS, eva_ignored.get)
+    release_file(
+        src / "visual_tokenizer/eva_vitg_psz14.bin",
+        release_names(fixture / "eva_vitg_psz14.bin", 3),
+        ours,
+        EVA_KEYS,
+        eva_ignored.get,
+    )
     stage_names = release_names(fixture / "tokenizer_encoder.bin", 1)
-    release_file(src / "visual_tokenizer/tokenizer_encoder.bin", stage_names, ours, STAGE1_KEYS,
-                 lambda name: ours[map_key(name, STAGE2_KEYS, src)].shape)
-    release_file(src / "language_model/visual_weight.bin", stage_names, ours, STAGE2_KEYS,
-                 lambda name: ours[map_key(name, STAGE1_KEYS, src)].shape)
-    release_file(src / "visual_tokenizer/highres_tokenizer_decoder.bin",
-                 release_names(fixture / "highres_tokenizer_decoder.bin", 3), decoder.state_dict(), DECODER_KEYS, None)
+    release_file(
+        src / "visual_tokenizer/tokenizer_encoder.bin",
+        stage_names,
+        ours,
+        STAGE1_KEYS,
+        lambda name: ours[map_key(name, STAGE2_KEYS, src)].shape,
+    )
+    release_file(
+        src / "language_model/visual_weight.bin",
+        stage_names,
+        ours,
+        STAGE2_KEYS,
+        lambda name: ours[map_key(name, STAGE1_KEYS, src)].shape,
+    )
+    release_file(
+        src / "visual_tokenizer/highres_tokenizer_decoder.bin",
+        release_names(fixture / "highres_tokenizer_decoder.bin", 3),
+        decoder.state_dict(),
+        DECODER_KEYS,
+        None,
+    )
 
     lm_dir = src / "language_model"
     release_config = json.loads((checkpoint_dir / "language_model/config.json").read_text())
-    (lm_dir / "config.json").write_text(json.dumps({**release_config, **LLM_DIMS, "vocab_size": vocab, "torch_dtype": "bfloat16"}))
+    (lm_dir / "config.json").write_text(
+        json.dumps({**release_config, **LLM_DIMS, "vocab_size": vocab, "torch_dtype": "bfloat16"})
+    )
     torch.save({k: v.bfloat16() for k, v in lm.state_dict().items()}, lm_dir / "pytorch_model.bin")
     reshard(lm_dir)
 
-    states = {name: {k: v.bfloat16() for k, v in model.state_dict().items()}
-              for name, model in (("visual_tokenizer", tokenizer), ("pixel_decoder", decoder), ("language_model", lm))}
+    states = {
+        name: {k: v.bfloat16() for k, v in model.state_dict().items()}
+        for name, model in (("visual_tokenizer", tokenizer), ("pixel_decoder", decoder), ("language_model", lm))
+    }
     configs = {"visual_tokenizer": public_config(tokenizer.config), "pixel_decoder": public_config(decoder.config)}
     return src, states, configs
 
@@ -328,8 +392,14 @@ def test_unseen_dimensions_convert_end_to_end(unseen_checkpoint, tmp_path):
     # Both pipelines run on it: an image+text prompt to an image, and a caption.
     pipe.set_progress_bar_config(disable=True)
     image = PIL.Image.new("RGB", (40, 30), (200, 100, 0))
-    result = pipe("<image> in the snow", image=image, max_new_tokens=30, num_inference_steps=2,
-                  generator=torch.Generator().manual_seed(0), output_type="np")
+    result = pipe(
+        "<image> in the snow",
+        image=image,
+        max_new_tokens=30,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     assert result.images.shape == (1, 64, 64, 3) and np.isfinite(result.images).all()
     assert 20 <= len(result.visual_token_ids[0]) <= 30 and result.visual_token_ids[0].max() < CODEBOOK[0]
     understanding = LavitUnderstandingPipeline.from_pretrained(out)
@@ -342,7 +412,12 @@ def test_converted_folder_gets_the_permissions_of_the_umask(checkpoint_dir, tmp_
     """Like any folder the user makes (a staging folder from `tempfile.mkdtemp` would be 0700)."""
     dst = tmp_path / "out"
     code = f"import os; os.umask({umask}); from lavit_pipelines.conversion import convert; convert({str(checkpoint_dir)!r}, {str(dst)!r})"
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     for path in [dst, *dst.rglob("*")]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == expected, path

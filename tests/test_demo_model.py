@@ -116,7 +116,7 @@ def test_recipe_first_steps_build_a_loadable_model(tmp_path):
     assert set(done[6:8]) == {"pixel-decoder", "language-model"}  # these two run side by side
     assert done[:2] + done[4:6] + done[8:] == ["data", "data-language", "base", "visual-tokenizer", "model"]
     RecipeRun(recipe, tmp_path).run()
-    again = [json.loads(line) for line in (tmp_path / "recipe.jsonl").read_text().splitlines()][len(log):]
+    again = [json.loads(line) for line in (tmp_path / "recipe.jsonl").read_text().splitlines()][len(log) :]
     assert {r.get("status") for r in again} == {"already done"}
     rebuilt = RecipeRun(recipe, tmp_path / "rebuilt").run()  # from nothing again: the same weights, bit for bit
     weights = sorted(path.relative_to(model) for path in model.rglob("*.safetensors"))
@@ -130,14 +130,23 @@ def test_patch_words_name_the_object_in_each_patch():
     """The vision encoder's word targets: per 16-pixel patch, the caption's colour, shape and place of the object
     that covers it (a pair: the left or top half's object is the first), 0 on empty patches."""
     rng = random.Random(0)
-    scenes = [shapes.single_scene(rng, "circle", "red", "left"), shapes.pair_scene(rng, ("square", "triangle"), ("blue", "green"), "stacked")]
+    scenes = [
+        shapes.single_scene(rng, "circle", "red", "left"),
+        shapes.pair_scene(rng, ("square", "triangle"), ("blue", "green"), "stacked"),
+    ]
     images = torch.stack([torch.from_numpy(np.asarray(shapes.render(s))).permute(2, 0, 1) for s in scenes])
     words = patch_words(images, [s.caption for s in scenes], 16).view(2, 4, 4, 3)
-    red, circle, left = (PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "red"), ("shape", "circle"), ("place", "left")))
+    red, circle, left = (
+        PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "red"), ("shape", "circle"), ("place", "left"))
+    )
     assert words[0, 1:3, 0:2].reshape(-1, 3).tolist() == [[red, circle, left]] * 4
     assert words[0, :, 2:].eq(0).all() and words[0, 0].eq(0).all() and words[0, 3].eq(0).all()
     top, bottom = (words[1, :2], words[1, 2:])
-    assert set(map(tuple, top[top[..., 0] > 0].tolist())) == {tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "blue"), ("shape", "square"), ("place", "top")))}
-    assert set(map(tuple, bottom[bottom[..., 0] > 0].tolist())) == {tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "green"), ("shape", "triangle"), ("place", "bottom")))}
+    assert set(map(tuple, top[top[..., 0] > 0].tolist())) == {
+        tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "blue"), ("shape", "square"), ("place", "top")))
+    }
+    assert set(map(tuple, bottom[bottom[..., 0] > 0].tolist())) == {
+        tuple(PATCH_WORDS[k].index(v) + 1 for k, v in (("color", "green"), ("shape", "triangle"), ("place", "bottom")))
+    }
     with pytest.raises(ValueError, match="captions"):
         patch_words(images, ["a dog", "a cat"], 16)

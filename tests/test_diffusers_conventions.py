@@ -66,8 +66,12 @@ def test_dict_and_tuple_outputs_are_equivalent(pipe):
 def test_batch_equals_single(pipe):
     batched = pipe(**inputs(batch=2)).images
     for row in range(2):
-        single = pipe(visual_token_ids=[CODES[row]], latents=inputs(batch=2)["latents"][row : row + 1],
-                      num_inference_steps=2, output_type="np").images
+        single = pipe(
+            visual_token_ids=[CODES[row]],
+            latents=inputs(batch=2)["latents"][row : row + 1],
+            num_inference_steps=2,
+            output_type="np",
+        ).images
         assert np.abs(batched[row] - single[0]).max() < 1e-4
 
 
@@ -86,8 +90,11 @@ def test_callback_signature_and_last_latents(pipe):
             tensors["latents"] = torch.zeros_like(tensors["latents"])
         return tensors
 
-    out = pipe(**{**inputs(), "output_type": "latent"}, callback_on_step_end=zero_last,
-               callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    out = pipe(
+        **{**inputs(), "output_type": "latent"},
+        callback_on_step_end=zero_last,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+    )
     assert out.images.abs().sum() == 0
 
 
@@ -96,15 +103,24 @@ def test_callback_changes_guidance_every_step(pipe):
         pipeline._guidance_scale += 1.0
         return tensors
 
-    pipe(**inputs(guidance_scale=2.0), callback_on_step_end=raise_guidance,
-         callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    pipe(
+        **inputs(guidance_scale=2.0),
+        callback_on_step_end=raise_guidance,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+    )
     assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
 
 
 def test_progress_bars_are_labelled_and_end_full(capsys):
     pipe = LavitText2ImagePipeline(**build_tiny_components())
-    pipe("a duck", max_new_tokens=30, min_new_tokens=2, num_inference_steps=2, output_type="latent",
-         generator=torch.Generator().manual_seed(0))
+    pipe(
+        "a duck",
+        max_new_tokens=30,
+        min_new_tokens=2,
+        num_inference_steps=2,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     err = capsys.readouterr().err
     tokens = re.findall(r"visual tokens: 100%\S* *(\d+)/(\d+)", err)
     assert tokens and tokens[-1][0] == tokens[-1][1]
@@ -139,7 +155,6 @@ def test_stable_diffusion_mixin(pipe):
         pipe.unfuse_qkv_projections()
 
 
-
 def test_a_pipeline_saved_with_fused_projections_loads_and_draws_the_same(tmp_path):
     """diffusers keeps the fused layers after unfusing and saves them beside to_q/to_k/to_v; they are copies, so
     loading such a folder works, as with diffusers' own loader, and gives the same images."""
@@ -170,7 +185,9 @@ def test_generic_diffusion_pipeline_loader_runs_nothing_from_the_folder(tmp_path
 
     from diffusers import DiffusionPipeline
 
-    LavitText2ImagePipeline(**build_tiny_components()).save_pretrained(tmp_path)  # fresh: `pipe` may hold fused qkv layers
+    LavitText2ImagePipeline(**build_tiny_components()).save_pretrained(
+        tmp_path
+    )  # fresh: `pipe` may hold fused qkv layers
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "LavitText2ImagePipeline" and not list(tmp_path.rglob("*.py"))
     with pytest.raises(AttributeError, match="LavitText2ImagePipeline"):
@@ -183,13 +200,22 @@ def test_many_images_run_in_batches_with_the_same_results(source, capsys):
     """`max_batch_size` (by default what the memory available holds) splits the images into batches, each with its
     progress bars; with one generator per image, the visual tokens and images do not depend on the batches."""
     pipe = LavitText2ImagePipeline(**build_tiny_components())
-    given = {"visual_token_ids": [CODES[0]]} if source == "visual_token_ids" else {"prompt": "a duck", "max_new_tokens": 30,
-                                                                                   "min_new_tokens": 2}
+    given = (
+        {"visual_token_ids": [CODES[0]]}
+        if source == "visual_token_ids"
+        else {"prompt": "a duck", "max_new_tokens": 30, "min_new_tokens": 2}
+    )
 
     def run(max_batch_size):
         generators = [torch.Generator().manual_seed(i) for i in range(5)]
-        return pipe(**given, num_images_per_prompt=5, generator=generators, num_inference_steps=2, output_type="np",
-                    max_batch_size=max_batch_size)
+        return pipe(
+            **given,
+            num_images_per_prompt=5,
+            generator=generators,
+            num_inference_steps=2,
+            output_type="np",
+            max_batch_size=max_batch_size,
+        )
 
     whole = run(None)
     capsys.readouterr()

@@ -40,11 +40,19 @@ from lavit_pipelines import LavitText2ImagePipeline
         (dict(visual_token_ids=[torch.tensor([1, 16384])]), ValueError, "codebook indices"),
         (dict(visual_token_ids=[torch.arange(300)]), ValueError, "1 to 256 codes"),
         (dict(visual_token_ids=[torch.rand(5)]), TypeError, "integer tensor"),
-        (dict(visual_token_ids=[torch.arange(9)], latents=torch.zeros(1, 4, 4, 4), height=64, width=64), ValueError, "`latents`"),
+        (
+            dict(visual_token_ids=[torch.arange(9)], latents=torch.zeros(1, 4, 4, 4), height=64, width=64),
+            ValueError,
+            "`latents`",
+        ),
         (dict(visual_token_ids=[torch.arange(9)], generator=[torch.Generator()] * 3), ValueError, "`generator`"),
         (dict(visual_token_ids=[torch.arange(9)], output_type="jpeg"), ValueError, "`output_type`"),
         (dict(visual_token_ids=[torch.arange(9)], generator=42), TypeError, "`generator`"),
-        (dict(visual_token_ids=[torch.arange(9)], callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
+        (
+            dict(visual_token_ids=[torch.arange(9)], callback_on_step_end_tensor_inputs=["noise"]),
+            ValueError,
+            "callback",
+        ),
     ],
 )
 def test_text2image_rejects_bad_input_before_any_model_runs(guarded_t2i, kwargs, error, words):
@@ -146,8 +154,16 @@ def test_loading_mismatched_components_names_them(converted_dir, tmp_path):
 def test_incompatible_components_passed_in_are_named(t2i):
     from lavit_pipelines import LavitPixelDecoder
 
-    other = LavitPixelDecoder(codebook_size=64, codebook_dim=8, hidden_size=88, num_layers=1, mlp_dim=32,
-                              output_dim=16, prompt_embed_dims=(8, 8), pooled_embed_dim=8)
+    other = LavitPixelDecoder(
+        codebook_size=64,
+        codebook_dim=8,
+        hidden_size=88,
+        num_layers=1,
+        mlp_dim=32,
+        output_dim=16,
+        prompt_embed_dims=(8, 8),
+        pooled_embed_dim=8,
+    )
     with pytest.raises(ValueError, match="`pixel_decoder`"):
         LavitText2ImagePipeline(**{**t2i.components, "pixel_decoder": other})
 

@@ -30,13 +30,19 @@ FAST_T2I = {"num_inference_steps": 2, "max_new_tokens": 8, "min_new_tokens": 2}
 def data(tmp_path_factory):
     """Four shapes renders with LAVIS-style caption / VQA / text-to-image annotations and a COCO caption file."""
     root = tmp_path_factory.mktemp("data")
-    meta = [json.loads(line) for line in (write_dataset(root / "images", 4, seed=5) / "metadata.jsonl").read_text().splitlines()]
+    meta = [
+        json.loads(line)
+        for line in (write_dataset(root / "images", 4, seed=5) / "metadata.jsonl").read_text().splitlines()
+    ]
     files = {
         "caption.json": [{"image": m["file_name"], "image_id": i} for i, m in enumerate(meta)],
-        "caption_gt.json": {"annotations": [{"image_id": i, "id": i, "caption": m["text"]} for i, m in enumerate(meta)]},
+        "caption_gt.json": {
+            "annotations": [{"image_id": i, "id": i, "caption": m["text"]} for i, m in enumerate(meta)]
+        },
         "vqa.json": [
             {"question_id": 10 * i + j, "image": m["file_name"], "question": q, "answer": [a] * 10}
-            for i, m in enumerate(meta) for j, (q, a) in enumerate(m["questions"][:2])
+            for i, m in enumerate(meta)
+            for j, (q, a) in enumerate(m["questions"][:2])
         ],
         "t2i.json": [{"caption": m["text"], "image": m["file_name"]} for m in meta],
     }
@@ -53,9 +59,25 @@ def clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = build_tiny_tokenizer()
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         projection_dim=8,
     )
     torch.manual_seed(0)
@@ -147,7 +169,9 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
     missing_image = tmp_path / "missing.json"
     missing_image.write_text(json.dumps([{"image": "00000.png", "image_id": 0}, {"image": "nope.png", "image_id": 1}]))
     with pytest.raises(FileNotFoundError, match=r"missing.json: entry 1: no image file .*nope.png"):
-        evaluate_captioning(NO_MODEL, annotations=missing_image, images=images, ground_truth=data / "caption_gt.json", output=out)
+        evaluate_captioning(
+            NO_MODEL, annotations=missing_image, images=images, ground_truth=data / "caption_gt.json", output=out
+        )
     no_key = tmp_path / "no_key.json"
     no_key.write_text(json.dumps([{"question_id": 1, "image": "00000.png", "answer": ["a"]}]))
     with pytest.raises(ValueError, match=r"no_key.json: entry 0 \(question_id 1\) has no 'question'"):
@@ -155,7 +179,9 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
     partial_gt = tmp_path / "gt.json"
     partial_gt.write_text(json.dumps({"annotations": [{"image_id": 0, "caption": "a"}]}))
     with pytest.raises(ValueError, match=r"gt.json has no caption for image id 1 \(3 ids uncovered\)"):
-        evaluate_captioning(NO_MODEL, annotations=data / "caption.json", images=images, ground_truth=partial_gt, output=out)
+        evaluate_captioning(
+            NO_MODEL, annotations=data / "caption.json", images=images, ground_truth=partial_gt, output=out
+        )
     questions = tmp_path / "questions.json"
     questions.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 0, "question": "q"}]}))
     with pytest.raises(ValueError, match="official VQA questions file: pass its annotations as --ground-truth"):
@@ -164,39 +190,105 @@ def test_bad_input_is_named_before_the_model_loads(data, tmp_path, capsys):
         evaluate_vqa(NO_MODEL, annotations=data / "vqa.json", images=images, output=out, dataset="gqa", lemmatize=False)
     with pytest.raises(ValueError, match="needs a CLIP folder"):
         evaluate_text_to_image(NO_MODEL, annotations=data / "t2i.json", output=out)
-    assert main(["evaluate", "t2i", "--model", NO_MODEL, "--annotations", str(data / "t2i.json"), "--output", str(out)]) == 2
+    assert (
+        main(["evaluate", "t2i", "--model", NO_MODEL, "--annotations", str(data / "t2i.json"), "--output", str(out)])
+        == 2
+    )
     assert "--inception-weights FILE, or --no-fid" in capsys.readouterr().err
     start_run(out, {"seed": 0})
     with pytest.raises(ValueError, match="other settings"):
-        evaluate_captioning(NO_MODEL, annotations=data / "caption.json", images=images, ground_truth=data / "caption_gt.json", output=out)
+        evaluate_captioning(
+            NO_MODEL,
+            annotations=data / "caption.json",
+            images=images,
+            ground_truth=data / "caption_gt.json",
+            output=out,
+        )
     assert not any(out.glob("*.json"))  # nothing written
 
 
 def test_caption_run_resumes_after_an_interruption(data, tmp_path):
     out = tmp_path / "caption"
-    evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",
-                        ground_truth=data / "caption_gt.json", output=out, batch_size=1, limit=1, metrics=("Bleu", "CIDEr"))
+    evaluate_captioning(
+        tiny_pipeline_path(),
+        annotations=data / "caption.json",
+        images=data / "images",
+        ground_truth=data / "caption_gt.json",
+        output=out,
+        batch_size=1,
+        limit=1,
+        metrics=("Bleu", "CIDEr"),
+    )
     # an interrupted run: image 0 done (its caption marked, to see that it is kept), the line of image 1 cut
-    (out / PARTIAL / "predictions-rank0.jsonl").write_text(json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt')
-    scores = evaluate_captioning(tiny_pipeline_path(), annotations=data / "caption.json", images=data / "images",
-                                 ground_truth=data / "caption_gt.json", output=out, batch_size=1, limit=3, metrics=("Bleu", "CIDEr"))
+    (out / PARTIAL / "predictions-rank0.jsonl").write_text(
+        json.dumps({"image_id": 0, "caption": "a red circle"}) + '\n{"image_id": 1, "capt'
+    )
+    scores = evaluate_captioning(
+        tiny_pipeline_path(),
+        annotations=data / "caption.json",
+        images=data / "images",
+        ground_truth=data / "caption_gt.json",
+        output=out,
+        batch_size=1,
+        limit=3,
+        metrics=("Bleu", "CIDEr"),
+    )
     predictions = json.loads((out / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == [0, 1, 2]
     assert predictions[0]["caption"] == "a red circle"  # kept, not recomputed
     lines = (out / PARTIAL / "predictions-rank0.jsonl").read_text().splitlines()
     assert [json.loads(line)["image_id"] for line in lines[2:]] == [1, 2]
-    assert json.loads((out / "metrics.json").read_text()) == scores and set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    assert json.loads((out / "metrics.json").read_text()) == scores and set(scores) == {
+        "Bleu_1",
+        "Bleu_2",
+        "Bleu_3",
+        "Bleu_4",
+        "CIDEr",
+    }
 
 
 def test_two_processes_give_the_predictions_of_one(data, tmp_path):
-    args = ["evaluate", "vqa", "--model", str(tiny_pipeline_path()), "--annotations", str(data / "vqa.json"),
-            "--images", str(data / "images"), "--batch-size", "1", "--no-lemmatize", "--limit", "4"]
+    args = [
+        "evaluate",
+        "vqa",
+        "--model",
+        str(tiny_pipeline_path()),
+        "--annotations",
+        str(data / "vqa.json"),
+        "--images",
+        str(data / "images"),
+        "--batch-size",
+        "1",
+        "--no-lemmatize",
+        "--limit",
+        "4",
+    ]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lavit_pipelines.cli", *args, "--output", str(tmp_path / "two")]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lavit_pipelines.cli",
+        *args,
+        "--output",
+        str(tmp_path / "two"),
+    ]
     result = subprocess.run(launch, capture_output=True, text=True, env={**SINGLE_THREAD, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-8000:]
-    assert sorted(p.name for p in (tmp_path / "two" / PARTIAL).glob("*.jsonl")) == ["predictions-rank0.jsonl", "predictions-rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two" / PARTIAL).glob("*.jsonl")) == [
+        "predictions-rank0.jsonl",
+        "predictions-rank1.jsonl",
+    ]
     one, two = ((tmp_path / name / "predictions.json").read_text() for name in ("one", "two"))
     assert one == two and len(json.loads(one)) == 4
 
@@ -207,15 +299,26 @@ def test_two_processes_give_the_predictions_of_one(data, tmp_path):
 def test_text_to_image_reranks_with_clip_and_scores_fid(data, clip_dir, tmp_path):
     out = tmp_path / "t2i"
     scores = evaluate_text_to_image(
-        tiny_pipeline_path(), annotations=data / "t2i.json", output=out, images=data / "images", clip=clip_dir, fid_feature=MeanColor(),
-        num_images=2, resolution=32, batch_size=2, limit=3, generation_kwargs=FAST_T2I,
+        tiny_pipeline_path(),
+        annotations=data / "t2i.json",
+        output=out,
+        images=data / "images",
+        clip=clip_dir,
+        fid_feature=MeanColor(),
+        num_images=2,
+        resolution=32,
+        batch_size=2,
+        limit=3,
+        generation_kwargs=FAST_T2I,
     )
     records = json.loads((out / "predictions.json").read_text())
     assert [r["index"] for r in records] == [0, 1, 2] and scores["num_prompts"] == 3
     ranker = ClipRanker(clip_dir)
     for record in records:
         saved = PIL.Image.open(out / record["image"])
-        assert record["clip_score"] == pytest.approx(100 * max(float(ranker.similarity([saved], record["caption"])[0]), 0), abs=1e-4)
+        assert record["clip_score"] == pytest.approx(
+            100 * max(float(ranker.similarity([saved], record["caption"])[0]), 0), abs=1e-4
+        )
     assert scores["clip_score"] == pytest.approx(sum(r["clip_score"] for r in records) / 3)
     real = torch.stack([image_tensor(PIL.Image.open(data / "images" / f"0000{i}.png"), 32) for i in range(3)])
     fake = torch.stack([image_tensor(PIL.Image.open(out / r["image"])) for r in records])
@@ -224,18 +327,88 @@ def test_text_to_image_reranks_with_clip_and_scores_fid(data, clip_dir, tmp_path
 
 def test_every_evaluation_runs_on_the_converted_checkpoint(converted_dir, data, tmp_path, capsys):
     common = ["--model", str(converted_dir), "--images", str(data / "images"), "--limit", "1"]
-    assert main(["evaluate", "caption", *common, "--annotations", str(data / "caption.json"),
-                 "--ground-truth", str(data / "caption_gt.json"), "--metrics", "CIDEr", "ROUGE_L", "--output", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "caption",
+                *common,
+                "--annotations",
+                str(data / "caption.json"),
+                "--ground-truth",
+                str(data / "caption_gt.json"),
+                "--metrics",
+                "CIDEr",
+                "ROUGE_L",
+                "--output",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     assert set(json.loads(capsys.readouterr().out)) == {"CIDEr", "ROUGE_L"}
-    assert main(["evaluate", "vqa", *common, "--annotations", str(data / "vqa.json"), "--dataset", "vizwiz",
-                 "--no-lemmatize", "--output", str(tmp_path / "v")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "vqa",
+                *common,
+                "--annotations",
+                str(data / "vqa.json"),
+                "--dataset",
+                "vizwiz",
+                "--no-lemmatize",
+                "--output",
+                str(tmp_path / "v"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["num_questions"] == 1
-    assert main(["evaluate", "t2i", *common, "--annotations", str(data / "t2i.json"), "--no-fid", "--num-images", "1",
-                 "--steps", "2", "--max-new-tokens", "8", "--output", str(tmp_path / "t")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "t2i",
+                *common,
+                "--annotations",
+                str(data / "t2i.json"),
+                "--no-fid",
+                "--num-images",
+                "1",
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--output",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["num_prompts"] == 1
     assert [p.name for p in (tmp_path / "t" / "images").iterdir()] == ["00000.png"]
-    assert main(["evaluate", "shapes", "--model", str(converted_dir), "--num-prompts", "1", "--num-scenes", "1", "--steps", "2",
-                 "--max-new-tokens", "8", "--output", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "shapes",
+                "--model",
+                str(converted_dir),
+                "--num-prompts",
+                "1",
+                "--num-scenes",
+                "1",
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--output",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["num_prompts"] == 1
 
 
@@ -246,20 +419,36 @@ def test_vqa_reads_the_official_vizwiz_and_gqa_formats(data, tmp_path):
     (tmp_path / "COCO_val2014_000000000007.jpg").write_bytes(image.read_bytes())
     (tmp_path / "n7.jpg").write_bytes(image.read_bytes())
     files = {
-        "questions.json": {"data_subtype": "val2014", "questions": [{"question_id": 70, "image_id": 7, "question": "What?"}]},
-        "answers.json": {"annotations": [{"question_id": 70, "answers": [{"answer": "red", "answer_id": 1}], "answer_type": "other"}]},
-        "vizwiz.json": [{"image": "n7.jpg", "question": "What?", "answers": [{"answer": "red", "answer_confidence": "yes"}]}],
+        "questions.json": {
+            "data_subtype": "val2014",
+            "questions": [{"question_id": 70, "image_id": 7, "question": "What?"}],
+        },
+        "answers.json": {
+            "annotations": [{"question_id": 70, "answers": [{"answer": "red", "answer_id": 1}], "answer_type": "other"}]
+        },
+        "vizwiz.json": [
+            {"image": "n7.jpg", "question": "What?", "answers": [{"answer": "red", "answer_confidence": "yes"}]}
+        ],
         "gqa.json": {"201": {"imageId": "n7", "question": "What?", "answer": "red"}},
     }
     for name, content in files.items():
         (tmp_path / name).write_text(json.dumps(content))
     official = load_vqa_items(tmp_path / "questions.json", tmp_path, "vqav2", tmp_path / "answers.json")
-    assert official == [{"question_id": 70, "path": str(tmp_path / "COCO_val2014_000000000007.jpg"), "question": "what?",
-                         "answer": ["red"], "answer_type": "other"}]
+    assert official == [
+        {
+            "question_id": 70,
+            "path": str(tmp_path / "COCO_val2014_000000000007.jpg"),
+            "question": "what?",
+            "answer": ["red"],
+            "answer_type": "other",
+        }
+    ]
     vizwiz = load_vqa_items(tmp_path / "vizwiz.json", tmp_path, "vizwiz")
     assert (vizwiz[0]["question_id"], vizwiz[0]["answer"], vizwiz[0]["path"]) == (0, ["red"], str(tmp_path / "n7.jpg"))
     gqa = load_vqa_items(tmp_path / "gqa.json", tmp_path, "gqa")
     assert (gqa[0]["question_id"], gqa[0]["answer"]) == ("201", "red")
-    (tmp_path / "answers.json").write_text(json.dumps({"annotations": [{"question_id": 71, "answers": [{"answer": "red"}]}]}))
+    (tmp_path / "answers.json").write_text(
+        json.dumps({"annotations": [{"question_id": 71, "answers": [{"answer": "red"}]}]})
+    )
     with pytest.raises(ValueError, match="answers.json has no answers for question id 70"):
         load_vqa_items(tmp_path / "questions.json", tmp_path, "vqav2", tmp_path / "answers.json")

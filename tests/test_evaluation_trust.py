@@ -25,12 +25,22 @@ NO_MODEL = "/nonexistent/lavit-model"  # every refusal here must come before thi
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    meta = [json.loads(line) for line in (write_dataset(root / "images", 2, seed=5) / "metadata.jsonl").read_text().splitlines()]
+    meta = [
+        json.loads(line)
+        for line in (write_dataset(root / "images", 2, seed=5) / "metadata.jsonl").read_text().splitlines()
+    ]
     files = {
         "caption.json": [{"image": m["file_name"], "image_id": i} for i, m in enumerate(meta)],
         "caption_gt.json": {"annotations": [{"image_id": i, "caption": m["text"]} for i, m in enumerate(meta)]},
-        "vqa.json": [{"question_id": i, "image": m["file_name"], "question": m["questions"][0][0],
-                      "answer": [m["questions"][0][1]] * 10} for i, m in enumerate(meta)],
+        "vqa.json": [
+            {
+                "question_id": i,
+                "image": m["file_name"],
+                "question": m["questions"][0][0],
+                "answer": [m["questions"][0][1]] * 10,
+            }
+            for i, m in enumerate(meta)
+        ],
         "t2i.json": [{"caption": m["text"]} for m in meta],
     }
     for name, content in files.items():
@@ -39,19 +49,31 @@ def data(tmp_path_factory) -> Path:
 
 
 def caption(data, output, annotations=None, ground_truth=None, images=None):
-    return evaluate_captioning(NO_MODEL, annotations=annotations or data / "caption.json", images=images or data / "images",
-                               ground_truth=ground_truth or data / "caption_gt.json", output=output)
+    return evaluate_captioning(
+        NO_MODEL,
+        annotations=annotations or data / "caption.json",
+        images=images or data / "images",
+        ground_truth=ground_truth or data / "caption_gt.json",
+        output=output,
+    )
 
 
-@pytest.mark.parametrize("where", ["annotations", "ground_truth", "folder of annotations", "folder of ground truth",
-                                   "images", "inside images"])
+@pytest.mark.parametrize(
+    "where",
+    ["annotations", "ground_truth", "folder of annotations", "folder of ground truth", "images", "inside images"],
+)
 def test_an_output_that_is_or_holds_an_input_is_refused_and_nothing_changes(data, tmp_path, where):
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    output = {"annotations": copy / "caption.json", "ground_truth": copy / "caption_gt.json",
-              "folder of annotations": copy, "folder of ground truth": copy, "images": copy / "images",
-              "inside images": copy / "images" / "results"}[where]
+    output = {
+        "annotations": copy / "caption.json",
+        "ground_truth": copy / "caption_gt.json",
+        "folder of annotations": copy,
+        "folder of ground truth": copy,
+        "images": copy / "images",
+        "inside images": copy / "images" / "results",
+    }[where]
     with pytest.raises(ValueError, match="--output .* overlaps --(annotations|ground-truth|images)|is a file"):
         caption(data, output, copy / "caption.json", copy / "caption_gt.json", copy / "images")
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
@@ -60,10 +82,28 @@ def test_an_output_that_is_or_holds_an_input_is_refused_and_nothing_changes(data
 def test_cli_refuses_the_annotations_file_as_output(data, tmp_path, capsys):
     annotations = tmp_path / "vqa.json"
     annotations.write_bytes((data / "vqa.json").read_bytes())
-    assert main(["evaluate", "vqa", "--model", NO_MODEL, "--annotations", str(annotations), "--images",
-                 str(data / "images"), "--no-lemmatize", "--output", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "vqa",
+                "--model",
+                NO_MODEL,
+                "--annotations",
+                str(annotations),
+                "--images",
+                str(data / "images"),
+                "--no-lemmatize",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("lavit evaluate: error: --output") and "overlaps --annotations" in err and err.count("\n") == 1
+    assert (
+        err.startswith("lavit evaluate: error: --output") and "overlaps --annotations" in err and err.count("\n") == 1
+    )
     assert annotations.read_bytes() == (data / "vqa.json").read_bytes()
 
 
@@ -71,24 +111,44 @@ def test_cli_refuses_the_annotations_file_as_output(data, tmp_path, capsys):
 def vqa_run(data, tmp_path_factory) -> Path:
     """A finished VQA run of the tiny model on the first question."""
     output = tmp_path_factory.mktemp("vqa") / "out"
-    evaluate_vqa(tiny_pipeline_path(), annotations=data / "vqa.json", images=data / "images", output=output, lemmatize=False,
-                 batch_size=1, limit=1)
+    evaluate_vqa(
+        tiny_pipeline_path(),
+        annotations=data / "vqa.json",
+        images=data / "images",
+        output=output,
+        lemmatize=False,
+        batch_size=1,
+        limit=1,
+    )
     return output
 
 
 def test_a_resumed_run_records_what_changes_its_results(vqa_run):
     recorded = json.loads((vqa_run / PARTIAL / RUN_CONFIG).read_text())
-    assert {"model", "images", "annotations", "ground_truth", "seed", "dtype", "dataset", "lemmatize", "batch_size"} <= set(recorded)
+    assert {
+        "model",
+        "images",
+        "annotations",
+        "ground_truth",
+        "seed",
+        "dtype",
+        "dataset",
+        "lemmatize",
+        "batch_size",
+    } <= set(recorded)
     assert recorded["model"] == str(Path(tiny_pipeline_path()).resolve()) and len(recorded["annotations"]) == 64
 
 
-@pytest.mark.parametrize("change, named", [
-    ("seed", "seed: 0 recorded, 1 now"),
-    ("dtype", "dtype: 'torch.float32' recorded, 'torch.bfloat16' now"),
-    ("annotations", "annotations: '"),
-    ("images", "images: '"),
-    ("model", "model: '"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("seed", "seed: 0 recorded, 1 now"),
+        ("dtype", "dtype: 'torch.float32' recorded, 'torch.bfloat16' now"),
+        ("annotations", "annotations: '"),
+        ("images", "images: '"),
+        ("model", "model: '"),
+    ],
+)
 def test_resuming_with_other_settings_is_refused_naming_the_difference(data, vqa_run, tmp_path, change, named):
     annotations, images, model = tmp_path / "vqa.json", data / "images", tiny_pipeline_path()
     entries = json.loads((data / "vqa.json").read_text())
@@ -105,22 +165,42 @@ def test_resuming_with_other_settings_is_refused_naming_the_difference(data, vqa
     shutil.copytree(vqa_run, output)
     settings = {"seed": 1 if change == "seed" else 0, "dtype": torch.bfloat16 if change == "dtype" else torch.float32}
     with pytest.raises(ValueError, match=f"other settings \\({named}"):
-        evaluate_vqa(model, annotations=annotations, images=images, output=output, lemmatize=False, batch_size=1, limit=1,
-                     **settings)
+        evaluate_vqa(
+            model,
+            annotations=annotations,
+            images=images,
+            output=output,
+            lemmatize=False,
+            batch_size=1,
+            limit=1,
+            **settings,
+        )
 
 
 BAD_VQA = [
-    ([{"question_id": 1, "image": "00000.png", "question": "q", "answer": ["a"]},
-      {"question_id": 1, "image": "00001.png", "question": "r", "answer": ["b"]}],
-     r"entry 1 \(question_id 1\): duplicate 'question_id' \(entry 0 has it too\)"),
-    ([{"question_id": 1, "image": "00000.png", "question": None, "answer": ["a"]}],
-     r"entry 0 \(question_id 1\): 'question' must be a str, got null"),
-    ([{"question_id": [1], "image": "00000.png", "question": "q", "answer": ["a"]}],
-     r"entry 0 \(question_id \[1\]\): 'question_id' must be a int or str, got \[1\]"),
-    ([{"question_id": 1, "image": "00000.png", "question": "q", "answer": [3]}],
-     r"entry 0 \(question_id 1\): 'answer' must be a list of str"),
-    ([{"question_id": 1, "image": "../caption.json", "question": "q", "answer": ["a"]}],
-     r"entry 0 \(question_id 1\): the image '../caption.json' lies outside --images"),
+    (
+        [
+            {"question_id": 1, "image": "00000.png", "question": "q", "answer": ["a"]},
+            {"question_id": 1, "image": "00001.png", "question": "r", "answer": ["b"]},
+        ],
+        r"entry 1 \(question_id 1\): duplicate 'question_id' \(entry 0 has it too\)",
+    ),
+    (
+        [{"question_id": 1, "image": "00000.png", "question": None, "answer": ["a"]}],
+        r"entry 0 \(question_id 1\): 'question' must be a str, got null",
+    ),
+    (
+        [{"question_id": [1], "image": "00000.png", "question": "q", "answer": ["a"]}],
+        r"entry 0 \(question_id \[1\]\): 'question_id' must be a int or str, got \[1\]",
+    ),
+    (
+        [{"question_id": 1, "image": "00000.png", "question": "q", "answer": [3]}],
+        r"entry 0 \(question_id 1\): 'answer' must be a list of str",
+    ),
+    (
+        [{"question_id": 1, "image": "../caption.json", "question": "q", "answer": ["a"]}],
+        r"entry 0 \(question_id 1\): the image '../caption.json' lies outside --images",
+    ),
 ]
 
 
@@ -129,7 +209,9 @@ def test_malformed_vqa_entries_are_named(data, tmp_path, entries, message):
     annotations = tmp_path / "bad.json"
     annotations.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=message):
-        evaluate_vqa(NO_MODEL, annotations=annotations, images=data / "images", output=tmp_path / "out", lemmatize=False)
+        evaluate_vqa(
+            NO_MODEL, annotations=annotations, images=data / "images", output=tmp_path / "out", lemmatize=False
+        )
 
 
 def test_malformed_caption_and_t2i_entries_are_named(data, tmp_path):
@@ -155,7 +237,25 @@ def test_caption_metric_packages_are_checked_before_the_model(data, tmp_path, mo
 
 
 def test_model_defaults_to_the_embedded_demo_model(data, tmp_path):
-    assert main(["evaluate", "vqa", "--annotations", str(data / "vqa.json"), "--images", str(data / "images"),
-                 "--no-lemmatize", "--limit", "1", "--batch-size", "1", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "vqa",
+                "--annotations",
+                str(data / "vqa.json"),
+                "--images",
+                str(data / "images"),
+                "--no-lemmatize",
+                "--limit",
+                "1",
+                "--batch-size",
+                "1",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     recorded = json.loads((tmp_path / "out" / PARTIAL / RUN_CONFIG).read_text())
     assert recorded["model"] == str(Path(default_model_path()).resolve())

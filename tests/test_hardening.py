@@ -128,7 +128,13 @@ def test_model_index_entries_must_be_the_declared_classes(converted_dir, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "text, words", [("[1, 2]", "got a list"), ('"lavit"', "got a str"), ("{not json", "is not valid JSON"), (b"\xff\xfe", "is not valid JSON")]
+    "text, words",
+    [
+        ("[1, 2]", "got a list"),
+        ('"lavit"', "got a str"),
+        ("{not json", "is not valid JSON"),
+        (b"\xff\xfe", "is not valid JSON"),
+    ],
 )
 def test_malformed_model_index_is_named(converted_dir, tmp_path, text, words):
     folder = linked_copy(converted_dir, tmp_path / "model")
@@ -177,7 +183,9 @@ VISUAL_TOKENIZER_DAMAGE = [
     (lambda f: edit_json(f / "config.json", encoder_layers=3), "lack 13 tensors"),
     (lambda f: edit_json(f / "config.json", encoder_layers=1), "hold unexpected 13 tensors"),
     (
-        lambda f: rewrite_safetensors(f / "diffusion_pytorch_model.safetensors", lambda s: {**s, "extra.weight": torch.ones(2)}),
+        lambda f: rewrite_safetensors(
+            f / "diffusion_pytorch_model.safetensors", lambda s: {**s, "extra.weight": torch.ones(2)}
+        ),
         "hold unexpected 1 tensors (extra.weight)",
     ),
     (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "has no weights (*.safetensors or *.bin)"),
@@ -222,7 +230,15 @@ def truncate(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ float arguments
 
 
-FLOAT_NAMES = ["eta", "guidance_scale", "length_penalty", "llm_guidance_scale", "repetition_penalty", "temperature", "top_p"]
+FLOAT_NAMES = [
+    "eta",
+    "guidance_scale",
+    "length_penalty",
+    "llm_guidance_scale",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+]
 
 
 def test_float_names_are_the_checked_ones():
@@ -248,12 +264,22 @@ def test_numpy_floats_are_accepted():
 
 
 T2I_BAD_FLOATS = [
-    dict(guidance_scale=math.nan), dict(guidance_scale=math.inf), dict(guidance_scale=-0.5),
-    dict(eta=math.nan), dict(eta=-0.1), dict(eta=1.5), dict(eta=math.inf),
+    dict(guidance_scale=math.nan),
+    dict(guidance_scale=math.inf),
+    dict(guidance_scale=-0.5),
+    dict(eta=math.nan),
+    dict(eta=-0.1),
+    dict(eta=1.5),
+    dict(eta=math.inf),
 ]
 LLM_BAD_FLOATS = [
-    dict(llm_guidance_scale=math.nan), dict(llm_guidance_scale=math.inf), dict(llm_guidance_scale=-1.0),
-    dict(temperature=math.inf), dict(temperature=math.nan), dict(top_p=math.nan), dict(top_p=math.inf),
+    dict(llm_guidance_scale=math.nan),
+    dict(llm_guidance_scale=math.inf),
+    dict(llm_guidance_scale=-1.0),
+    dict(temperature=math.inf),
+    dict(temperature=math.nan),
+    dict(top_p=math.nan),
+    dict(top_p=math.inf),
 ]
 
 
@@ -278,7 +304,9 @@ def test_generate_visual_tokens_checks_floats(guarded_t2i, kwargs):
         guarded_t2i.generate_visual_tokens("a duck", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(guidance_scale=math.nan), dict(eta=-1.0), dict(num_inference_steps=0), dict(image=[])])
+@pytest.mark.parametrize(
+    "kwargs", [dict(guidance_scale=math.nan), dict(eta=-1.0), dict(num_inference_steps=0), dict(image=[])]
+)
 def test_reconstruct_checks_before_the_visual_tokenizer_runs(guarded_t2i, kwargs):
     kwargs = {"image": PIL.Image.new("RGB", (8, 8)), **kwargs}
     with pytest.raises(ValueError):
@@ -306,7 +334,9 @@ def test_understanding_floats_checked_before_any_model_runs(guarded_understandin
 
 
 def test_preprocessed_tensor_image_prompt(t2i):
-    codes = t2i.generate_visual_tokens("<image> in the snow", image=torch.zeros(1, 3, 224, 224), do_sample=False, max_new_tokens=21)
+    codes = t2i.generate_visual_tokens(
+        "<image> in the snow", image=torch.zeros(1, 3, 224, 224), do_sample=False, max_new_tokens=21
+    )
     assert len(codes) == 1 and 0 < len(codes[0]) <= 21
 
 
@@ -402,13 +432,31 @@ def unavailable_cuda() -> str:
         (["generate", "a duck", "--output", "{tmp}/x.png", "--device", "foo"], "--device must be a torch device"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--device", "CUDA_NOW"], "is available on this machine"),
         (["caption", "{photo}", "--device", "CUDA_NOW"], "is available on this machine"),
-        (["reconstruct", "{photo}", "--output", "{tmp}/x.png", "--device", "cuda:-1"], "--device must be a torch device"),
+        (
+            ["reconstruct", "{photo}", "--output", "{tmp}/x.png", "--device", "cuda:-1"],
+            "--device must be a torch device",
+        ),
         (["caption", "{photo}", "--seed", str(2**64)], "--seed must be an integer"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale", "nan"], "--llm-guidance-scale must be"),
-        (["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale=-inf"], "--llm-guidance-scale must be"),
-        (["generate", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/out", "--guidance-scale", "nan"], "--guidance-scale"),
+        (
+            ["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "nan"],
+            "--guidance-scale must be a finite number",
+        ),
+        (
+            ["generate", "a duck", "--output", "{tmp}/x.png", "--guidance-scale", "inf"],
+            "--guidance-scale must be a finite number",
+        ),
+        (
+            ["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale", "nan"],
+            "--llm-guidance-scale must be",
+        ),
+        (
+            ["generate", "a duck", "--output", "{tmp}/x.png", "--llm-guidance-scale=-inf"],
+            "--llm-guidance-scale must be",
+        ),
+        (
+            ["generate", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/out", "--guidance-scale", "nan"],
+            "--guidance-scale",
+        ),
         (["generate", "a duck", "--output", "{tmp}/folder.png"], "is a folder"),
         (["generate", "a duck", "--output", "{tmp}/x.png", "--num-images", "2"], "x-1.png' is a folder"),
         (["reconstruct", "{photo}", "--output", "{tmp}/folder.png"], "is a folder"),
@@ -421,7 +469,9 @@ def unavailable_cuda() -> str:
         (["reconstruct", "{truncated}", "--output", "{tmp}/x.png"], "truncated.png"),
     ],
 )
-def test_cli_argument_errors_are_one_line_before_loading(tmp_path, capsys, monkeypatch, photo, truncated_photo, args, message):
+def test_cli_argument_errors_are_one_line_before_loading(
+    tmp_path, capsys, monkeypatch, photo, truncated_photo, args, message
+):
     monkeypatch.setattr(LavitText2ImagePipeline, "from_pretrained", None)  # loading a model would fail loudly
     monkeypatch.setattr(LavitUnderstandingPipeline, "from_pretrained", None)
     (tmp_path / "p.txt").write_text("a duck\n")
@@ -429,7 +479,10 @@ def test_cli_argument_errors_are_one_line_before_loading(tmp_path, capsys, monke
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "x-1.png").mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
-    argv = [a.format(tmp=tmp_path, photo=photo, truncated=truncated_photo).replace("CUDA_NOW", unavailable_cuda()) for a in args]
+    argv = [
+        a.format(tmp=tmp_path, photo=photo, truncated=truncated_photo).replace("CUDA_NOW", unavailable_cuda())
+        for a in args
+    ]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -514,7 +567,13 @@ def test_language_model_tensor_of_the_wrong_shape_is_refused(release, tmp_path):
     [
         ("pixel_decoder", lambda f: edit_json(f / "config.json", num_layers=3), "`pixel_decoder` does not match"),
         ("unet", lambda f: edit_json(f / "config.json", cross_attention_dim=40), "`unet`"),
-        ("language_model", lambda f: rewrite_safetensors(f / "model.safetensors", lambda s: {**s, "model.norm.weight": s["model.norm.weight"] * math.nan}), "NaN"),
+        (
+            "language_model",
+            lambda f: rewrite_safetensors(
+                f / "model.safetensors", lambda s: {**s, "model.norm.weight": s["model.norm.weight"] * math.nan}
+            ),
+            "NaN",
+        ),
         ("scheduler", lambda f: rewrite(f / "scheduler_config.json", b"["), "scheduler_config.json"),
     ],
 )
@@ -568,7 +627,11 @@ conversion.convert(sys.argv[1], sys.argv[2])
 def test_staging_of_killed_conversions_is_cleaned_by_the_next(release, tmp_path):
     parent = tmp_path / "out"
     processes = {
-        name: subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(release), str(parent / name)], stdout=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, "-c", KILLED_CONVERSION, str(release), str(parent / name)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for name in ("killed", "terminated")
     }
     for process in processes.values():

@@ -101,7 +101,9 @@ def test_nothing_registered_with_the_auto_classes():
 
 def test_state_dict_keys_equal_llama():
     model = tiny_model()
-    llama_config = LlamaConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in LlamaConfig.__dataclass_fields__})
+    llama_config = LlamaConfig(
+        **{k: v for k, v in tiny_config().to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    )
     llama = LlamaForCausalLM(llama_config)
     assert model.state_dict().keys() == llama.state_dict().keys()
     for key, value in llama.state_dict().items():
@@ -110,7 +112,9 @@ def test_state_dict_keys_equal_llama():
 
 def test_lavit_model_matches_llama_with_same_weights():
     model = tiny_model()
-    llama_config = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if k in LlamaConfig.__dataclass_fields__})
+    llama_config = LlamaConfig(
+        **{k: v for k, v in model.config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    )
     llama = LlamaForCausalLM(llama_config).eval()
     llama.load_state_dict(model.state_dict())
     ids = torch.tensor([[5, 17, 100, 110, 127, 101]])
@@ -165,13 +169,19 @@ torch.save({"logits": logits, "class": type(model).__name__, "offset": model.con
 def test_stock_transformers_loads_the_converted_language_model(converted_dir, tmp_path):
     """A process that never imports this package loads `language_model/` with AutoModelForCausalLM."""
     folder = converted_dir / "language_model"
-    subprocess.run([sys.executable, "-c", STOCK_LOAD, str(folder), str(tmp_path / "out.pt")], check=True,
-                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, str(folder), str(tmp_path / "out.pt")],
+        check=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     stock = torch.load(tmp_path / "out.pt")
     ours = LavitForCausalLM.from_pretrained(folder).eval()
     assert stock["class"] == "LlamaForCausalLM" and stock["offset"] == ours.config.visual_token_offset
     with torch.no_grad():
-        torch.testing.assert_close(stock["logits"], ours(torch.tensor([[5, 17, 100, 110, 127, 101]])).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            stock["logits"], ours(torch.tensor([[5, 17, 100, 110, 127, 101]])).logits, rtol=0, atol=0
+        )
 
 
 def test_id_helpers():
@@ -280,7 +290,7 @@ def test_tokenizer_reference_prompt_ids(lavit_tokenizer, reference):
     assert ids == reference_json["t2i_prompt_ids"] == [268, 696, 353, 452, 632, 351, 268, 26121, 2929, 351, 290, 25491]
     # the multimodal reference prompt ends with the ids of its text segment
     text_ids = lavit_tokenizer("It is running in the snow", add_special_tokens=False).input_ids
-    assert reference_json["mm_prompt_token_ids"][-len(text_ids):] == text_ids
+    assert reference_json["mm_prompt_token_ids"][-len(text_ids) :] == text_ids
 
 
 def test_tokenizer_matches_sentencepiece(lavit_tokenizer, sentencepiece_model):
@@ -308,7 +318,14 @@ def test_tokenizer_decoding_matches_sentencepiece(lavit_tokenizer, sentencepiece
     # leading '▁' pieces, byte fallback (valid UTF-8), special ids in the middle
     duck = [sentencepiece_model.piece_to_id(f"<0x{b:02X}>") for b in "🦆".encode()]
     space, word = sentencepiece_model.piece_to_id("▁"), sentencepiece_model.piece_to_id("▁a")
-    cases = [[space, word], [space, space, word], [1, space, 13, word, 2], duck + [word], [word, 0, 2] + duck, [35, word]]
+    cases = [
+        [space, word],
+        [space, space, word],
+        [1, space, 13, word, 2],
+        duck + [word],
+        [word, 0, 2] + duck,
+        [35, word],
+    ]
     rng = random.Random(0)
     cases += [[rng.randrange(259, 32000) for _ in range(rng.randrange(1, 20))] for _ in range(200)]
     for ids in cases:
@@ -323,5 +340,8 @@ def test_saved_tokenizer_round_trip(saved_tokenizer_dir, sentencepiece_model, re
         tokenizer = loader(saved_tokenizer_dir)
         assert tokenizer.padding_side == "left"
         assert tokenizer.pad_token_id == 2
-        assert tokenizer(reference_json["t2i_prompt"], add_special_tokens=False).input_ids == reference_json["t2i_prompt_ids"]
+        assert (
+            tokenizer(reference_json["t2i_prompt"], add_special_tokens=False).input_ids
+            == reference_json["t2i_prompt_ids"]
+        )
         _assert_parity(tokenizer, sentencepiece_model)

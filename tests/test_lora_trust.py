@@ -26,7 +26,9 @@ def lora_layers(model: torch.nn.Module, suffixes: tuple[str, ...], rank: int = 4
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.endswith(suffixes):
-            layers[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features + extra_input, generator=generator) / 4
+            layers[f"{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features + extra_input, generator=generator) / 4
+            )
             layers[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) / 4
     return layers
 
@@ -57,8 +59,11 @@ def test_an_adapter_for_another_model_size_names_the_dimension(pipe, tmp_path):
     layers = lora_layers(pipe.language_model, ("self_attn.q_proj",), extra_input=8)
     folder = saved_lora(pipe, tmp_path, language_model_lora_layers=layers)
     hidden = pipe.language_model.config.hidden_size
-    with pytest.raises(ValueError, match=rf"another model size: .*q_proj.lora_A.weight has input dimension {hidden + 8}, "
-                                         rf"`language_model.model.layers.0.self_attn.q_proj` has {hidden}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"another model size: .*q_proj.lora_A.weight has input dimension {hidden + 8}, "
+        rf"`language_model.model.layers.0.self_attn.q_proj` has {hidden}",
+    ):
         pipe.load_lora_weights(folder)
     assert torch.equal(logits(pipe), before) and pipe.get_list_adapters() == {}
 
@@ -77,7 +82,9 @@ def test_cli_checks_the_lora_before_loading_the_model(pipe, tmp_path, capsys, lo
     pipe.save_pretrained(tmp_path / "model")
     image = tmp_path / "image.png"
     PIL.Image.new("RGB", (64, 64)).save(image)
-    path = {"not-a-lora": tmp_path / "model" / "language_model" / "model.safetensors", "missing": tmp_path / "nothing"}[lora]
+    path = {"not-a-lora": tmp_path / "model" / "language_model" / "model.safetensors", "missing": tmp_path / "nothing"}[
+        lora
+    ]
     capsys.readouterr()
     assert main(["caption", str(image), "--model", str(tmp_path / "absent"), "--lora", str(path)]) == 2
     err = capsys.readouterr().err
@@ -92,7 +99,10 @@ def test_unload_after_fuse_restores_the_base_weights(pipe, tmp_path, component):
     folder = saved_lora(pipe, tmp_path, **{f"{component}_lora_layers": lora_layers(getattr(pipe, component), suffixes)})
     pipe.load_lora_weights(folder)
     changed = images(pipe) if component == "unet" else logits(pipe)
-    assert np.abs(np.asarray(changed) - np.asarray(expected_images if component == "unet" else expected_logits)).max() > 1e-3
+    assert (
+        np.abs(np.asarray(changed) - np.asarray(expected_images if component == "unet" else expected_logits)).max()
+        > 1e-3
+    )
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {}

@@ -37,11 +37,10 @@ MIXIN_TESTS = {
     "test_to_device": "test_diffusers_conventions.py::test_to_dtype_and_device",
     "test_to_dtype": "test_diffusers_conventions.py::test_to_dtype_and_device",
     "test_attention_slicing_forward_pass": "test_diffusers_conventions.py::test_attention_slicing_keeps_the_result",
-    "test_sequential_cpu_offload_forward_pass":
-        "test_speed_paths.py::test_vision_components_compute_the_same_under_per_module_offload_hooks",
+    "test_sequential_cpu_offload_forward_pass": "test_speed_paths.py::test_vision_components_compute_the_same_under_per_module_offload_hooks",
     "test_model_cpu_offload_forward_pass": "test_text2image_pipeline.py::test_model_cpu_offload_hooks",
     "test_cpu_offload_forward_pass_twice": "n/a: needs an accelerator (diffusers' @require_accelerator); offload moves "
-                                           "weights between CPU and that device",
+    "weights between CPU and that device",
     "test_sequential_offload_forward_pass_twice": "n/a: needs an accelerator (diffusers' @require_accelerator)",
     "test_xformers_attention_forwardGenerator_pass": "n/a: xformers runs on CUDA only",
     "test_num_images_per_prompt": "test_diffusers_conventions.py::test_num_images_per_prompt_multiplies_the_batch",
@@ -50,10 +49,9 @@ MIXIN_TESTS = {
     "test_callback_cfg": "test_diffusers_conventions.py::test_callback_changes_guidance_every_step",
     "test_serialization_with_variants": "test_pipeline_tester_mixin.py::test_serialization_with_variants",
     "test_loading_with_variants": "test_pipeline_tester_mixin.py::test_loading_with_variants",
-    "test_loading_with_incorrect_variants_raises_error":
-        "test_pipeline_tester_mixin.py::test_loading_with_incorrect_variants_raises_error",
+    "test_loading_with_incorrect_variants_raises_error": "test_pipeline_tester_mixin.py::test_loading_with_incorrect_variants_raises_error",
     "test_encode_prompt_works_in_isolation": "n/a: the LaVIT pipelines take no `prompt_embeds`; `encode_prompt` (the "
-                                             "prompt's ids) is compared with the original in test_text2image_pipeline",
+    "prompt's ids) is compared with the original in test_text2image_pipeline",
     "test_StableDiffusionMixin_component": "test_diffusers_conventions.py::test_stable_diffusion_mixin",
     "test_layerwise_casting_inference": "test_pipeline_tester_mixin.py::test_layerwise_casting_inference",
     "test_group_offloading_inference": "n/a: needs an accelerator (diffusers' @require_torch_accelerator)",
@@ -89,11 +87,16 @@ def run(pipe) -> np.ndarray:
     """Images (text-to-image from fixed codes and latents) or generated ids (understanding, greedy)."""
     if isinstance(pipe, LavitText2ImagePipeline):
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        return pipe(visual_token_ids=[torch.arange(3, 40)], latents=latents.to(pipe.unet.dtype), num_inference_steps=2,
-                    output_type="np").images
+        return pipe(
+            visual_token_ids=[torch.arange(3, 40)],
+            latents=latents.to(pipe.unet.dtype),
+            num_inference_steps=2,
+            output_type="np",
+        ).images
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
-    return pipe(image, prompt="a photo of", max_new_tokens=5, min_new_tokens=5,
-                generator=torch.Generator().manual_seed(0)).sequences.numpy()
+    return pipe(
+        image, prompt="a photo of", max_new_tokens=5, min_new_tokens=5, generator=torch.Generator().manual_seed(0)
+    ).sequences.numpy()
 
 
 def models(pipe) -> dict:

@@ -24,7 +24,9 @@ def test_torch_dtype_is_still_accepted():
 @pytest.mark.parametrize("scheme", ["int4", "nf4"])
 def test_gpu_only_schemes_are_refused_on_the_cpu_before_loading(scheme):
     backend = {"int4": "torchao", "nf4": "bitsandbytes"}[scheme]
-    with pytest.raises(ValueError, match=rf"quantize='{scheme}' \({backend}\) runs on CUDA GPUs only, not on the device 'cpu'"):
+    with pytest.raises(
+        ValueError, match=rf"quantize='{scheme}' \({backend}\) runs on CUDA GPUs only, not on the device 'cpu'"
+    ):
         pipeline_quantization_config(scheme, LavitText2ImagePipeline.component_names(), "cpu")
 
 
@@ -33,7 +35,9 @@ def test_unknown_scheme_and_missing_backend(monkeypatch, scheme, device, backend
     with pytest.raises(ValueError, match="`quantize` must be one of int8, int4, nf4, got 'int2'"):
         check_quantization("int2")
     monkeypatch.setitem(sys.modules, backend, None)  # not installed (an import of it fails)
-    with pytest.raises(ImportError, match=rf"quantize='{scheme}' needs the {backend} package.*lavit-pipelines\[quantization\]"):
+    with pytest.raises(
+        ImportError, match=rf"quantize='{scheme}' needs the {backend} package.*lavit-pipelines\[quantization\]"
+    ):
         check_quantization(scheme, device)
 
 
@@ -46,6 +50,8 @@ def test_cli_names_a_missing_backend_in_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("scheme", ["int4", "nf4"])
 def test_cli_refuses_gpu_only_schemes_on_the_cpu(tmp_path, capsys, scheme):
-    assert main(["generate", "a duck", "--output", str(tmp_path / "x.png"), "--device", "cpu", "--quantize", scheme]) == 2
+    assert (
+        main(["generate", "a duck", "--output", str(tmp_path / "x.png"), "--device", "cpu", "--quantize", scheme]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "runs on CUDA GPUs only" in err[0] and not (tmp_path / "x.png").exists()

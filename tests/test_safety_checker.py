@@ -15,8 +15,14 @@ def add_tiny_safety_checker(release):
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                           image_size=32, patch_size=8),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=8,
     )
     StableDiffusionSafetyChecker(config).save_pretrained(release / "pixel_decoding" / "safety_checker")

@@ -22,8 +22,16 @@ IMG, END_IMG, PAD = 32000, 32001, 2
 def llm():
     """A tiny LLaMA with LaVIT's special ids and 64 visual codes; `[/IMG]` made likely so that rows stop early."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=64, vocab_size=32002 + 64, pad_token_id=PAD, max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        vocab_size=32002 + 64,
+        pad_token_id=PAD,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight[END_IMG] *= 15
@@ -35,9 +43,21 @@ PROMPTS = [torch.tensor([5, 6, 7, 8, 9, IMG]), torch.tensor([11, IMG]), torch.te
 
 def sample(model, do_sample, generator=None, prompts=PROMPTS, guidance_scale=3.0, **kwargs):
     return sample_visual_tokens(
-        model, prompts, guidance_scale=guidance_scale, unconditional_prompt=[IMG], suppress_ids=range(3, 32000),
-        eos_token_id=END_IMG, pad_token_id=PAD, min_new_tokens=3, max_new_tokens=24, do_sample=do_sample,
-        temperature=1.0, top_k=20, top_p=0.9, generator=generator, **kwargs,
+        model,
+        prompts,
+        guidance_scale=guidance_scale,
+        unconditional_prompt=[IMG],
+        suppress_ids=range(3, 32000),
+        eos_token_id=END_IMG,
+        pad_token_id=PAD,
+        min_new_tokens=3,
+        max_new_tokens=24,
+        do_sample=do_sample,
+        temperature=1.0,
+        top_k=20,
+        top_p=0.9,
+        generator=generator,
+        **kwargs,
     )
 
 
@@ -132,8 +152,11 @@ def test_compiled_static_path_identical(llm, monkeypatch):
 def test_sampling_runs_the_stock_linear_forward(llm):
     """No per-module `forward` replacement while sampling: every projection is the class's own `nn.Linear`."""
     replaced = []
-    hooks = [m.register_forward_pre_hook(lambda module, args: replaced.append("forward" in vars(module)))
-             for m in llm.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_pre_hook(lambda module, args: replaced.append("forward" in vars(module)))
+        for m in llm.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         sample(llm, False)
     finally:
@@ -174,7 +197,9 @@ def test_head_logits_are_computed_row_by_row_as_the_original_does(llm):
     even a product with the head's visual rows alone differs from the full product in the last bits)."""
     ids, mask = visual_sampling.left_pad(PROMPTS + [torch.tensor([IMG])] * 3, PAD)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    runs = visual_sampling.sampled_id_runs(visual_sampling.suppression_masks(llm.config.vocab_size, range(3, 32000), END_IMG, "cpu")[1])
+    runs = visual_sampling.sampled_id_runs(
+        visual_sampling.suppression_masks(llm.config.vocab_size, range(3, 32000), END_IMG, "cpu")[1]
+    )
     with torch.no_grad():
         logits = visual_sampling._last_logits(llm, ids, mask, positions, DynamicCache(config=llm.config), runs)
         hidden = llm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
@@ -232,21 +257,34 @@ def decode_kwargs(batch=2):
 
 def test_pipeline_static_cache_tokens_identical(speed_pipe):
     kwargs = dict(max_new_tokens=24, min_new_tokens=4)
-    expected = speed_pipe.generate_visual_tokens(["a duck", "a red car"], generator=torch.Generator().manual_seed(0), **kwargs)
-    static = speed_pipe.generate_visual_tokens(["a duck", "a red car"], generator=torch.Generator().manual_seed(0),
-                                               cache_implementation="static", **kwargs)
+    expected = speed_pipe.generate_visual_tokens(
+        ["a duck", "a red car"], generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    static = speed_pipe.generate_visual_tokens(
+        ["a duck", "a red car"], generator=torch.Generator().manual_seed(0), cache_implementation="static", **kwargs
+    )
     assert all(torch.equal(a, b) for a, b in zip(static, expected))
     single = speed_pipe.generate_visual_tokens("a duck", generator=torch.Generator().manual_seed(0), **kwargs)
-    out = speed_pipe("a duck", generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=1,
-                     llm_decoding_kwargs={"cache_implementation": "static"}, **kwargs)
+    out = speed_pipe(
+        "a duck",
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        num_inference_steps=1,
+        llm_decoding_kwargs={"cache_implementation": "static"},
+        **kwargs,
+    )
     assert torch.equal(out.visual_token_ids[0], single[0])
 
 
 def test_vae_tiling_and_channels_last(speed_pipe):
     """channels_last keeps the images; tiling (decoding 64² tiles of a 128² image with blended seams) is an
     approximation, since the VAE's mid-block attention no longer sees the whole latent: same image up to seams."""
-    kwargs = dict(decode_kwargs(), latents=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
-                  height=128, width=128)
+    kwargs = dict(
+        decode_kwargs(),
+        latents=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+        height=128,
+        width=128,
+    )
     expected = speed_pipe(**kwargs).images
     try:
         speed_pipe.vae.enable_tiling()

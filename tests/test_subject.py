@@ -33,11 +33,22 @@ def subject_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def subject_run(training_base, subject_data, training_data, tmp_path_factory) -> Path:
-    return train(TrainingConfig(
-        stage="language-model", model=str(training_base), data=str(subject_data), batch_size=4, learning_rate=1e-2,
-        output=str(tmp_path_factory.mktemp("subject-run") / "out"), max_steps=3, lora=True,
-        placeholder_token="sks", initializer_token="red car", class_data=str(training_data), understanding_ratio=0.0,
-    ))
+    return train(
+        TrainingConfig(
+            stage="language-model",
+            model=str(training_base),
+            data=str(subject_data),
+            batch_size=4,
+            learning_rate=1e-2,
+            output=str(tmp_path_factory.mktemp("subject-run") / "out"),
+            max_steps=3,
+            lora=True,
+            placeholder_token="sks",
+            initializer_token="red car",
+            class_data=str(training_data),
+            understanding_ratio=0.0,
+        )
+    )
 
 
 @pytest.mark.parametrize("pipeline_cls", [LavitText2ImagePipeline, LavitUnderstandingPipeline])
@@ -48,13 +59,20 @@ def test_the_new_word_round_trips_into_a_fresh_pipeline(subject_run, training_ba
     assert token_id == vocab  # after [text][IMG][/IMG][visual codes]
     row = trained.language_model.get_input_embeddings().weight[token_id]
     torch.testing.assert_close(load_file(subject_run / "learned_embeds.safetensors")["sks"], row, rtol=0, atol=0)
-    initial = trained.language_model.get_input_embeddings().weight[trained.tokenizer("red car", add_special_tokens=False).input_ids].mean(0)
+    initial = (
+        trained.language_model.get_input_embeddings()
+        .weight[trained.tokenizer("red car", add_special_tokens=False).input_ids]
+        .mean(0)
+    )
     assert (row - initial).abs().max() > 1e-4  # trained away from "red car"
 
     fresh = pipeline_cls.from_pretrained(training_base)
     fresh.load_lora_weights(subject_run)
     assert fresh.load_textual_inversion(subject_run) == [token_id]
-    assert fresh.tokenizer("a sks car", add_special_tokens=False).input_ids == trained.tokenizer("a sks car", add_special_tokens=False).input_ids
+    assert (
+        fresh.tokenizer("a sks car", add_special_tokens=False).input_ids
+        == trained.tokenizer("a sks car", add_special_tokens=False).input_ids
+    )
     torch.testing.assert_close(fresh.language_model.get_input_embeddings().weight[token_id], row, rtol=0, atol=0)
     assert fresh.language_model.lavit_token_id_range == trained.language_model.lavit_token_id_range
     with pytest.raises(ValueError, match="already in tokenizer vocabulary"):
@@ -78,8 +96,9 @@ def test_text_to_image_never_samples_an_added_or_text_id_after_img(subject_run):
 
     handle = lm.register_forward_hook(favour_forbidden)
     try:
-        codes = pipe.generate_visual_tokens(["a sks car", "a red car"], min_new_tokens=12, max_new_tokens=12,
-                                            generator=torch.Generator().manual_seed(0))
+        codes = pipe.generate_visual_tokens(
+            ["a sks car", "a red car"], min_new_tokens=12, max_new_tokens=12, generator=torch.Generator().manual_seed(0)
+        )
     finally:
         handle.remove()
     assert [len(row) for row in codes] == [12, 12]
@@ -94,8 +113,15 @@ def test_class_examples_weigh_prior_loss_weight_per_token(training_base, subject
     batch = {"pixel_values": torch.randn(4, 3, 56, 56), "text": texts, PRIOR: torch.tensor([False, True, False, True])}
 
     def loss(weight: float) -> dict:
-        config = TrainingConfig(stage="language-model", model=str(training_base), data=str(subject_data), output="unused",
-                                understanding_ratio=0.0, text_dropout=0.0, prior_loss_weight=weight)
+        config = TrainingConfig(
+            stage="language-model",
+            model=str(training_base),
+            data=str(subject_data),
+            output="unused",
+            understanding_ratio=0.0,
+            text_dropout=0.0,
+            prior_loss_weight=weight,
+        )
         module = LanguageModelTrainingModule(pipe.language_model, pipe.visual_tokenizer, pipe.tokenizer, config)
         with torch.no_grad():
             return module(batch, [torch.Generator().manual_seed(i) for i in range(4)], 0)
@@ -108,8 +134,13 @@ def test_class_examples_weigh_prior_loss_weight_per_token(training_base, subject
 
 def test_subject_options_are_checked_before_any_model_loads(training_base, subject_data, training_data, tmp_path):
     def config(**kwargs):
-        settings = {"stage": "language-model", "model": str(training_base), "data": str(subject_data),
-                    "output": str(tmp_path / "out"), **kwargs}
+        settings = {
+            "stage": "language-model",
+            "model": str(training_base),
+            "data": str(subject_data),
+            "output": str(tmp_path / "out"),
+            **kwargs,
+        }
         return TrainingConfig(**settings)
 
     with pytest.raises(ValueError, match="`placeholder_token` and `initializer_token` go together"):
@@ -126,20 +157,41 @@ def test_subject_options_are_checked_before_any_model_loads(training_base, subje
         train(config(placeholder_token="red", initializer_token="car"))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="does not contain the word 'sks'"):
-        SubjectConfig(model=str(training_base), images=str(training_data), token="sks", class_word="car",
-                      output=str(tmp_path / "out"))
+        SubjectConfig(
+            model=str(training_base),
+            images=str(training_data),
+            token="sks",
+            class_word="car",
+            output=str(tmp_path / "out"),
+        )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--token", "s ks"], "`token` must be one word without spaces"),
-    (["--max-steps", "0"], "`max_steps` must be a positive integer"),
-    (["--caption", "a photo"], "`caption` must contain '{token}'"),
-    (["--images", "nowhere"], "`images`: 'nowhere' is not a folder"),
-    (["--token", "red"], "`token`: 'red' is already a word of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--token", "s ks"], "`token` must be one word without spaces"),
+        (["--max-steps", "0"], "`max_steps` must be a positive integer"),
+        (["--caption", "a photo"], "`caption` must contain '{token}'"),
+        (["--images", "nowhere"], "`images`: 'nowhere' is not a folder"),
+        (["--token", "red"], "`token`: 'red' is already a word of"),
+    ],
+)
 def test_cli_subject_names_bad_options_in_one_line(training_base, subject_data, tmp_path, capsys, args, message):
-    argv = ["train", "subject", "--model", str(training_base), "--images", str(subject_data.parent / "plain"),
-            "--token", "sks", "--class-word", "car", "--output", str(tmp_path / "out"), *args]
+    argv = [
+        "train",
+        "subject",
+        "--model",
+        str(training_base),
+        "--images",
+        str(subject_data.parent / "plain"),
+        "--token",
+        "sks",
+        "--class-word",
+        "car",
+        "--output",
+        str(tmp_path / "out"),
+        *args,
+    ]
     (subject_data.parent / "plain").mkdir(exist_ok=True)
     (subject_data.parent / "plain" / "0.png").write_bytes((subject_data / "0.png").read_bytes())
     assert main(argv) == 2
@@ -156,11 +208,33 @@ def subject_images(training_data: Path, folder: Path) -> Path:
     return folder
 
 
-def test_cli_train_subject_with_lora_draws_class_examples_and_trains_them(training_base, training_data, tmp_path, capsys):
+def test_cli_train_subject_with_lora_draws_class_examples_and_trains_them(
+    training_base, training_data, tmp_path, capsys
+):
     out = tmp_path / "out"
-    argv = ["train", "subject", "--model", str(training_base), "--images", str(subject_images(training_data, tmp_path / "imgs")),
-            "--token", "sks", "--class-word", "car", "--output", str(out), "--max-steps", "2", "--batch-size", "4",
-            "--num-class-images", "2", "--prior-loss-weight", "0.5", "--lora"]
+    argv = [
+        "train",
+        "subject",
+        "--model",
+        str(training_base),
+        "--images",
+        str(subject_images(training_data, tmp_path / "imgs")),
+        "--token",
+        "sks",
+        "--class-word",
+        "car",
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-class-images",
+        "2",
+        "--prior-loss-weight",
+        "0.5",
+        "--lora",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out / "model")
     instance = [json.loads(line) for line in (out / "instance-data" / "metadata.jsonl").read_text().splitlines()]
@@ -181,8 +255,24 @@ def test_cli_train_subject_with_lora_draws_class_examples_and_trains_them(traini
 
 def test_cli_train_subject_by_default_trains_the_word_alone(training_base, training_data, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["train", "subject", "--model", str(training_base), "--images", str(subject_images(training_data, tmp_path / "imgs")),
-            "--token", "sks", "--class-word", "car", "--output", str(out), "--max-steps", "2", "--batch-size", "3"]
+    argv = [
+        "train",
+        "subject",
+        "--model",
+        str(training_base),
+        "--images",
+        str(subject_images(training_data, tmp_path / "imgs")),
+        "--token",
+        "sks",
+        "--class-word",
+        "car",
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "3",
+    ]
     assert main(argv) == 0
     settings = json.loads((out / "model" / "training_config.json").read_text())
     assert settings["textual_inversion"] and not settings["lora"] and settings["class_data"] is None
@@ -197,6 +287,8 @@ def test_cli_train_subject_by_default_trains_the_word_alone(training_base, train
     learned = load_file(out / "model" / "learned_embeds.safetensors")["sks"]
     torch.testing.assert_close(trained["model.embed_tokens.weight"][token_id], learned, rtol=0, atol=0)
     prompts = ["a red car", "a photo of a blue car"]  # without the word: the same draws as the base model's
-    before, after = (p.generate_visual_tokens(prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)])
-                     for p in (base, pipe))
+    before, after = (
+        p.generate_visual_tokens(prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+        for p in (base, pipe)
+    )
     assert all(torch.equal(b, a) for b, a in zip(before, after)) and min(map(len, before)) > 1

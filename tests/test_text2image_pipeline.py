@@ -81,7 +81,9 @@ def test_image_text_prompt_matches_original(pipe, ref, fixture_dir):
     encoded = pipe.encode_prompt(["<image> It is running in the snow"], [[dog]])
     assert encoded[0].tolist() == as_list(data["mm_prompt_token_ids"]) + [32000]
     torch.manual_seed(data["seed"] + 5)
-    codes = pipe.generate_visual_tokens("<image>It is running in the snow", image=dog, do_sample=False, max_new_tokens=30)
+    codes = pipe.generate_visual_tokens(
+        "<image>It is running in the snow", image=dog, do_sample=False, max_new_tokens=30
+    )
     expected = torch.tensor(as_list(data["mm_greedy_token_ids"])[0][1:31]) - VISUAL_OFFSET
     assert torch.equal(codes[0], expected)
 
@@ -139,20 +141,29 @@ def test_token_limits(pipe):
 
 def test_num_images_per_prompt_and_generator_determinism(pipe, small):
     def run(seed):
-        return pipe(["a duck", "a cat"], num_images_per_prompt=2, max_new_tokens=22,
-                    generator=torch.Generator().manual_seed(seed), output_type="np", **small)
+        return pipe(
+            ["a duck", "a cat"],
+            num_images_per_prompt=2,
+            max_new_tokens=22,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            **small,
+        )
 
     first, second = run(0), run(0)
     assert first.images.shape == (4, 64, 64, 3) and len(first.visual_token_ids) == 4
     assert np.array_equal(first.images, second.images)
     assert all(torch.equal(a, b) for a, b in zip(first.visual_token_ids, second.visual_token_ids))
     generators = [torch.Generator().manual_seed(i) for i in range(4)]
-    listed = pipe(["a duck", "a cat"], num_images_per_prompt=2, max_new_tokens=22, generator=generators,
-                  output_type="np", **small)
+    listed = pipe(
+        ["a duck", "a cat"], num_images_per_prompt=2, max_new_tokens=22, generator=generators, output_type="np", **small
+    )
     assert listed.images.shape == (4, 64, 64, 3)
 
 
-@pytest.mark.parametrize("output_type, shape", [("np", (1, 64, 64, 3)), ("pt", (1, 3, 64, 64)), ("latent", (1, 4, 8, 8))])
+@pytest.mark.parametrize(
+    "output_type, shape", [("np", (1, 64, 64, 3)), ("pt", (1, 3, 64, 64)), ("latent", (1, 4, 8, 8))]
+)
 def test_output_types(pipe, small, output_type, shape):
     out = pipe(visual_token_ids=[torch.arange(30)], output_type=output_type, **small)
     assert tuple(out.images.shape) == shape
@@ -171,8 +182,13 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe, small):
         seen.append((step, tuple(tensors["latents"].shape), tuple(tensors["prompt_embeds"].shape)))
         return {"latents": torch.zeros_like(tensors["latents"])}
 
-    out = pipe(visual_token_ids=[torch.arange(30)], callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], output_type="latent", **small)
+    out = pipe(
+        visual_token_ids=[torch.arange(30)],
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        output_type="latent",
+        **small,
+    )
     assert [s[0] for s in seen] == [0, 1] and seen[0][1] == (1, 4, 8, 8) and seen[0][2][0] == 2
     assert torch.count_nonzero(out.images) == 0
 
@@ -255,16 +271,28 @@ def euler_leading(pipe) -> EulerDiscreteScheduler:
 
 
 def sdxl_from(pipe, scheduler) -> StableDiffusionXLPipeline:
-    sdxl = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=pipe.unet, scheduler=scheduler)
+    sdxl = StableDiffusionXLPipeline(
+        vae=pipe.vae,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=pipe.unet,
+        scheduler=scheduler,
+    )
     sdxl.set_progress_bar_config(disable=True)
     return sdxl
 
 
 def run_sdxl(sdxl, cond, latents, **kwargs):
-    return sdxl(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
-                negative_prompt_embeds=cond.negative_prompt_embeds,
-                negative_pooled_prompt_embeds=cond.negative_pooled_prompt_embeds, latents=latents, **kwargs).images
+    return sdxl(
+        prompt_embeds=cond.prompt_embeds,
+        pooled_prompt_embeds=cond.pooled_prompt_embeds,
+        negative_prompt_embeds=cond.negative_prompt_embeds,
+        negative_pooled_prompt_embeds=cond.negative_pooled_prompt_embeds,
+        latents=latents,
+        **kwargs,
+    ).images
 
 
 def test_euler_scheduler_matches_sdxl_and_repeats(pipe, small):
@@ -277,8 +305,14 @@ def test_euler_scheduler_matches_sdxl_and_repeats(pipe, small):
         ours = [pipe(visual_token_ids=codes, latents=latents, output_type="np", **small).images for _ in range(2)]
     finally:
         pipe.scheduler = original
-    theirs = run_sdxl(sdxl_from(pipe, euler_leading(pipe)), pipe.encode_visual_tokens(codes), latents,
-                      guidance_scale=7.0, output_type="np", **small)
+    theirs = run_sdxl(
+        sdxl_from(pipe, euler_leading(pipe)),
+        pipe.encode_visual_tokens(codes),
+        latents,
+        guidance_scale=7.0,
+        output_type="np",
+        **small,
+    )
     assert np.array_equal(ours[0], ours[1])
     assert np.abs(ours[0] - theirs).max() < 1e-5
 
@@ -291,11 +325,21 @@ def test_custom_timesteps_and_sigmas_match_sdxl(pipe):
     for schedule in (dict(timesteps=[999, 500, 20]), dict(sigmas=[14.0, 3.0, 0.5])):
         try:
             pipe.scheduler = euler_leading(pipe)
-            ours = pipe(visual_token_ids=codes, latents=latents, output_type="np", height=64, width=64, **schedule).images
+            ours = pipe(
+                visual_token_ids=codes, latents=latents, output_type="np", height=64, width=64, **schedule
+            ).images
         finally:
             pipe.scheduler = original
-        theirs = run_sdxl(sdxl_from(pipe, euler_leading(pipe)), cond, latents, output_type="np", height=64, width=64,
-                          guidance_scale=7.0, **schedule)
+        theirs = run_sdxl(
+            sdxl_from(pipe, euler_leading(pipe)),
+            cond,
+            latents,
+            output_type="np",
+            height=64,
+            width=64,
+            guidance_scale=7.0,
+            **schedule,
+        )
         assert np.abs(ours - theirs).max() < 1e-5
 
 
@@ -320,8 +364,9 @@ def test_diffusers_cfg_cutoff_callbacks(callback_cls, variant, pipe, converted_l
         pipeline._guidance_scale = 0.0
         return {}
 
-    assert torch.allclose(cut, pipe(callback_on_step_end=switch_off, callback_on_step_end_tensor_inputs=[], **kwargs).images,
-                          atol=1e-6)
+    assert torch.allclose(
+        cut, pipe(callback_on_step_end=switch_off, callback_on_step_end_tensor_inputs=[], **kwargs).images, atol=1e-6
+    )
     assert not torch.allclose(cut, pipe(**kwargs).images)
 
 
@@ -333,19 +378,33 @@ def test_callback_sees_every_tensor_input(pipe, small):
         seen.update({k: tuple(v.shape) for k, v in tensors.items()})
         return tensors
 
-    pipe(visual_token_ids=[torch.arange(30)], callback_on_step_end=callback,
-         callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs, **small)
+    pipe(
+        visual_token_ids=[torch.arange(30)],
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+        **small,
+    )
     queries, width = pipe.pixel_decoder.config.num_queries, pipe.unet.config.cross_attention_dim
-    assert seen == {"latents": (1, 4, 8, 8), "prompt_embeds": (2, queries, width), "add_text_embeds": (2, 48),
-                    "add_time_ids": (2, 6)}
+    assert seen == {
+        "latents": (1, 4, 8, 8),
+        "prompt_embeds": (2, queries, width),
+        "add_text_embeds": (2, 48),
+        "add_time_ids": (2, 6),
+    }
 
 
 def test_encode_visual_tokens_composes_with_sdxl_pipeline(pipe, small):
     codes = [torch.arange(5, 60)]
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = pipe(visual_token_ids=codes, latents=latents, guidance_scale=7.0, output_type="np", **small).images
-    theirs = run_sdxl(sdxl_from(pipe, pipe.scheduler), pipe.encode_visual_tokens(codes), latents, guidance_scale=7.0,
-                      output_type="np", **small)
+    theirs = run_sdxl(
+        sdxl_from(pipe, pipe.scheduler),
+        pipe.encode_visual_tokens(codes),
+        latents,
+        guidance_scale=7.0,
+        output_type="np",
+        **small,
+    )
     assert np.abs(ours - theirs).max() < 1e-5
 
 

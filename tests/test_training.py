@@ -30,11 +30,21 @@ def assert_loss_goes_down(output: Path, window: int = 4, factor: float = 0.8) ->
 
 @pytest.fixture(scope="module")
 def tokenizer_run(training_base, training_data, tmp_path_factory) -> Path:
-    return train(TrainingConfig(
-        stage="visual-tokenizer", model=str(training_base), data=str(training_data),
-        output=str(tmp_path_factory.mktemp("vt") / "out"), max_steps=16, batch_size=4, learning_rate=1e-3,
-        checkpointing_steps=8, validation_steps=8, validation_inference_steps=2, report_to="tensorboard",
-    ))
+    return train(
+        TrainingConfig(
+            stage="visual-tokenizer",
+            model=str(training_base),
+            data=str(training_data),
+            output=str(tmp_path_factory.mktemp("vt") / "out"),
+            max_steps=16,
+            batch_size=4,
+            learning_rate=1e-3,
+            checkpointing_steps=8,
+            validation_steps=8,
+            validation_inference_steps=2,
+            report_to="tensorboard",
+        )
+    )
 
 
 def test_visual_tokenizer_training_reduces_the_loss_and_writes_a_pipeline(tokenizer_run, training_base):
@@ -81,16 +91,33 @@ def stage_config(stage: str, model: Path, data: Path, output: Path, **kwargs) ->
 
 
 def test_pixel_decoder_training_reduces_the_loss_on_the_stage_1_output(tokenizer_run, training_data, tmp_path):
-    out = train(stage_config("pixel-decoder", tokenizer_run, training_data, tmp_path / "out", max_steps=6,
-                             train_unet=True, validation_steps=6, validation_inference_steps=2, use_ema=True,
-                             ema_decay=0.5))
+    out = train(
+        stage_config(
+            "pixel-decoder",
+            tokenizer_run,
+            training_data,
+            tmp_path / "out",
+            max_steps=6,
+            train_unet=True,
+            validation_steps=6,
+            validation_inference_steps=2,
+            use_ema=True,
+            ema_decay=0.5,
+        )
+    )
     assert_loss_goes_down(out, window=3)
     validation = [row["validation_loss"] for row in read_logs(out) if "validation_loss" in row]
     assert len(validation) == 2 and validation[1] < 0.8 * validation[0]  # the same noise: step 0 vs step 6
     assert (out / "validation" / "step-6.png").is_file()
     pipe = LavitText2ImagePipeline.from_pretrained(out)
-    image = pipe(visual_token_ids=[torch.arange(12)], height=64, width=64, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    image = pipe(
+        visual_token_ids=[torch.arange(12)],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
@@ -98,8 +125,20 @@ def test_cached_latents_train_as_latents_encoded_at_every_step(tokenizer_run, tr
     """`cache_latents` (the VAE encodes each image once, before training): the same losses and UNet weights."""
     from safetensors.torch import load_file
 
-    runs = {cache: train(stage_config("pixel-decoder", tokenizer_run, training_data, tmp_path / str(cache), max_steps=3,
-                                      train_unet=True, cache_latents=cache)) for cache in (False, True)}
+    runs = {
+        cache: train(
+            stage_config(
+                "pixel-decoder",
+                tokenizer_run,
+                training_data,
+                tmp_path / str(cache),
+                max_steps=3,
+                train_unet=True,
+                cache_latents=cache,
+            )
+        )
+        for cache in (False, True)
+    }
     losses = train_losses(runs[True])
     assert len(losses) == 3 and losses == pytest.approx(train_losses(runs[False]), rel=1e-5)
     weights = [load_file(runs[cache] / "unet" / "diffusion_pytorch_model.safetensors") for cache in (False, True)]
@@ -131,8 +170,17 @@ def test_cached_posteriors_are_read_by_example_index_without_the_encoder():
 
 
 def test_language_model_training_reduces_both_losses(tokenizer_run, training_data, tmp_path):
-    out = train(stage_config("language-model", tokenizer_run, training_data, tmp_path / "out", max_steps=12,
-                             learning_rate=3e-3, init_understanding_head=True))
+    out = train(
+        stage_config(
+            "language-model",
+            tokenizer_run,
+            training_data,
+            tmp_path / "out",
+            max_steps=12,
+            learning_rate=3e-3,
+            init_understanding_head=True,
+        )
+    )
     assert_loss_goes_down(out, window=3, factor=0.9)
     logs = [row for row in read_logs(out) if "loss" in row]
     assert 0 < sum(row["understanding_examples"] for row in logs) / len(logs) < 1  # both directions ran
@@ -151,7 +199,9 @@ def test_prompted_examples_train_understanding_with_the_loss_on_the_text_only(to
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     metadata_with(data, [{**row, "prompt": "Question: what is it? Answer:", "text": "a square."} for row in rows])
     out = train(stage_config("language-model", tokenizer_run, data, tmp_path / "out", max_steps=3))
-    assert all(row["understanding_examples"] == 1.0 for row in read_logs(out) if "loss" in row)  # prompts never generate
+    assert all(
+        row["understanding_examples"] == 1.0 for row in read_logs(out) if "loss" in row
+    )  # prompts never generate
     pipe = LavitUnderstandingPipeline.from_pretrained(out)
     module = LanguageModelTrainingModule(pipe.language_model, pipe.visual_tokenizer, pipe.tokenizer, None)
     features = torch.zeros(3, pipe.language_model.config.hidden_size)
@@ -203,7 +253,9 @@ def test_resume_equals_an_uninterrupted_run(training_base, training_data, tmp_pa
     """Gradient accumulation, two epochs (4 batches each), codebook k-means/EMA/dead codes: stopped after the
     checkpoint at step 3 (mid-epoch) and resumed, the run ends with the same weights and losses."""
     common = dict(batch_size=2, gradient_accumulation_steps=2, checkpointing_steps=3, dead_code_threshold=0.5)
-    whole = train(stage_config("visual-tokenizer", training_base, training_data, tmp_path / "whole", max_steps=5, **common))
+    whole = train(
+        stage_config("visual-tokenizer", training_base, training_data, tmp_path / "whole", max_steps=5, **common)
+    )
     part = stage_config("visual-tokenizer", training_base, training_data, tmp_path / "part", max_steps=4, **common)
     train(part)
     for leftover in ("checkpoint-4", "visual_tokenizer", "model_index.json"):  # as if stopped after step 3
@@ -223,10 +275,16 @@ def test_resume_equals_an_uninterrupted_run(training_base, training_data, tmp_pa
 def lora_runs(tokenizer_run, training_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lora")
     return {
-        "unet": train(stage_config("pixel-decoder", tokenizer_run, training_data, root / "unet", max_steps=2,
-                                   learning_rate=1e-2, lora=True)),
-        "language_model": train(stage_config("language-model", tokenizer_run, training_data, root / "lm", max_steps=2,
-                                             learning_rate=1e-2, lora=True)),
+        "unet": train(
+            stage_config(
+                "pixel-decoder", tokenizer_run, training_data, root / "unet", max_steps=2, learning_rate=1e-2, lora=True
+            )
+        ),
+        "language_model": train(
+            stage_config(
+                "language-model", tokenizer_run, training_data, root / "lm", max_steps=2, learning_rate=1e-2, lora=True
+            )
+        ),
     }
 
 
@@ -234,8 +292,14 @@ def test_unet_lora_round_trips_into_the_text_to_image_pipeline(lora_runs, tokeni
     pipe = LavitText2ImagePipeline.from_pretrained(tokenizer_run)
 
     def run():
-        return pipe(visual_token_ids=[torch.arange(10)], height=64, width=64, num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            visual_token_ids=[torch.arange(10)],
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
 
     before = run()
     pipe.load_lora_weights(lora_runs["unet"], adapter_name="mine")
@@ -287,10 +351,16 @@ def metadata_with(folder: Path, lines: list[dict]) -> Path:
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        ([{"file_name": "0.png", "text": "a car"}, {"file_name": "missing.png", "text": "a dog"}], "metadata.jsonl:2: the image .*missing.png.* does not exist"),
-        ([{"file_name": "0.png", "text": "a car"}, {"file_name": "0.png", "text": "  "}], "metadata.jsonl:2: '0.png' has no text"),
+        (
+            [{"file_name": "0.png", "text": "a car"}, {"file_name": "missing.png", "text": "a dog"}],
+            "metadata.jsonl:2: the image .*missing.png.* does not exist",
+        ),
+        (
+            [{"file_name": "0.png", "text": "a car"}, {"file_name": "0.png", "text": "  "}],
+            "metadata.jsonl:2: '0.png' has no text",
+        ),
         ([{"file_name": "0.png"}], "metadata.jsonl:1: '0.png' has no text"),
-        ([{"text": "a car"}], "metadata.jsonl:1: needs a string \"file_name\""),
+        ([{"text": "a car"}], 'metadata.jsonl:1: needs a string "file_name"'),
     ],
 )
 def test_bad_data_fails_before_training_naming_the_line(training_base, training_data, tmp_path, lines, message):
@@ -357,8 +427,20 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(tokenizer_run, tr
     script.write_text(TWO_PROCESS_SCRIPT)
     args = [str(tokenizer_run), str(training_data)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     subprocess.run([*launch, str(script), *args, str(tmp_path / "two"), "2"], env=env, check=True, capture_output=True)
     subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), "4"], check=True, capture_output=True)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -378,8 +460,23 @@ def test_cli_trains_and_applies_the_adapter(training_base, training_data, lora_r
     from lavit_pipelines.cli import main
 
     out = tmp_path / "out"
-    argv = ["train", "visual-tokenizer", "--model", str(training_base), "--data", str(training_data), "--output",
-            str(out), "--max-steps", "1", "--batch-size", "2", "--no-kmeans-init", "--target-keep-ratio", "0.5"]
+    argv = [
+        "train",
+        "visual-tokenizer",
+        "--model",
+        str(training_base),
+        "--data",
+        str(training_data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-kmeans-init",
+        "--target-keep-ratio",
+        "0.5",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().endswith(str(out))
     assert json.loads((out / "training_config.json").read_text())["target_keep_ratio"] == 0.5
@@ -394,8 +491,16 @@ def test_cli_trains_and_applies_the_adapter(training_base, training_data, lora_r
 def test_cli_names_bad_training_input(training_base, tmp_path, capsys):
     from lavit_pipelines.cli import main
 
-    argv = ["train", "pixel-decoder", "--model", str(training_base), "--data", str(tmp_path / "nowhere"), "--output",
-            str(tmp_path / "out")]
+    argv = [
+        "train",
+        "pixel-decoder",
+        "--model",
+        str(training_base),
+        "--data",
+        str(tmp_path / "nowhere"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
     assert "`data`: " in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
@@ -416,7 +521,9 @@ def test_an_image_without_kept_tokens_trains_as_an_unconditional_row():
     reference = components["pixel_decoder"]([torch.arange(5)])
     assert torch.allclose(hidden[0], reference.prompt_embeds[0], atol=1e-6)
     assert torch.equal(hidden[1], torch.zeros_like(hidden[1]))  # the high-res negative: zeros
-    assert torch.equal(kwargs["added_cond_kwargs"]["text_embeds"][1], torch.zeros_like(reference.pooled_prompt_embeds[0]))
+    assert torch.equal(
+        kwargs["added_cond_kwargs"]["text_embeds"][1], torch.zeros_like(reference.pooled_prompt_embeds[0])
+    )
 
 
 def test_min_snr_weighting_follows_diffusers_formula():

@@ -51,11 +51,23 @@ def test_every_setting_is_checked_when_the_config_is_made(training_base, trainin
 def test_cli_refuses_a_nan_learning_rate_on_one_line(training_base, training_data, tmp_path, capsys):
     from lavit_pipelines.cli import main
 
-    argv = ["train", "pixel-decoder", "--model", str(training_base), "--data", str(training_data), "--output",
-            str(tmp_path / "out"), "--learning-rate", "nan"]
+    argv = [
+        "train",
+        "pixel-decoder",
+        "--model",
+        str(training_base),
+        "--data",
+        str(training_data),
+        "--output",
+        str(tmp_path / "out"),
+        "--learning-rate",
+        "nan",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lavit train: error: `learning_rate` must be a finite positive number") and err.count("\n") == 1
+    assert (
+        err.startswith("lavit train: error: `learning_rate` must be a finite positive number") and err.count("\n") == 1
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -67,7 +79,9 @@ def test_latest_without_a_checkpoint_says_so_and_starts_fresh(training_base, tra
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def test_resuming_a_finished_run_trains_and_rewrites_nothing(finished_run, training_base, training_data, capsys):
@@ -79,9 +93,19 @@ def test_resuming_a_finished_run_trains_and_rewrites_nothing(finished_run, train
 
 
 def test_a_checkpoint_of_another_stage_is_named(finished_run, training_data, tmp_path):
-    with pytest.raises(ValueError, match=r"checkpoint-2 is a checkpoint of the visual-tokenizer stage .*not of pixel-decoder"):
-        train(config(finished_run, training_data, tmp_path / "out", stage="pixel-decoder", max_steps=3,
-                     resume_from_checkpoint=str(finished_run / "checkpoint-2")))
+    with pytest.raises(
+        ValueError, match=r"checkpoint-2 is a checkpoint of the visual-tokenizer stage .*not of pixel-decoder"
+    ):
+        train(
+            config(
+                finished_run,
+                training_data,
+                tmp_path / "out",
+                stage="pixel-decoder",
+                max_steps=3,
+                resume_from_checkpoint=str(finished_run / "checkpoint-2"),
+            )
+        )
 
 
 def copied_checkpoint(finished_run: Path, tmp_path: Path) -> Path:
@@ -96,8 +120,16 @@ def copied_checkpoint(finished_run: Path, tmp_path: Path) -> Path:
 def test_a_checkpoint_of_another_model_is_named(finished_run, training_data, tmp_path):
     checkpoint = copied_checkpoint(finished_run, tmp_path)
     with pytest.raises(ValueError, match=r"model.safetensors holds the weights of another model than this run trains"):
-        train(config(finished_run, training_data, tmp_path / "out", stage="pixel-decoder", max_steps=3,
-                     resume_from_checkpoint=str(checkpoint)))
+        train(
+            config(
+                finished_run,
+                training_data,
+                tmp_path / "out",
+                stage="pixel-decoder",
+                max_steps=3,
+                resume_from_checkpoint=str(checkpoint),
+            )
+        )
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
@@ -106,7 +138,9 @@ def test_a_truncated_checkpoint_file_is_named(finished_run, training_base, train
     path = checkpoint / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"`resume_from_checkpoint`: .*{name}"):
-        train(config(training_base, training_data, tmp_path / "out", max_steps=3, resume_from_checkpoint=str(checkpoint)))
+        train(
+            config(training_base, training_data, tmp_path / "out", max_steps=3, resume_from_checkpoint=str(checkpoint))
+        )
 
 
 def data_folder(training_data: Path, tmp_path: Path, lines: list[bytes]) -> Path:
@@ -120,12 +154,21 @@ def data_folder(training_data: Path, tmp_path: Path, lines: list[bytes]) -> Path
 GOOD = b'{"file_name": "0.png", "text": "a car"}'
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"file_name": "0.png", "text": "caf\xe9"}'.encode("latin-1"), "metadata.jsonl:2: not UTF-8 text"),
-    (b'{"file_name": "../0.png", "text": "a car"}', "metadata.jsonl:2: the image '../0.png' lies outside the data folder"),
-    (b'{"file_name": "/etc/hostname", "text": "a car"}', "metadata.jsonl:2: the image '/etc/hostname' lies outside"),
-    (b'{"file_name": "out.png", "text": "a car"}', "metadata.jsonl:2: the image 'out.png' lies outside"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"file_name": "0.png", "text": "caf\xe9"}'.encode("latin-1"), "metadata.jsonl:2: not UTF-8 text"),
+        (
+            b'{"file_name": "../0.png", "text": "a car"}',
+            "metadata.jsonl:2: the image '../0.png' lies outside the data folder",
+        ),
+        (
+            b'{"file_name": "/etc/hostname", "text": "a car"}',
+            "metadata.jsonl:2: the image '/etc/hostname' lies outside",
+        ),
+        (b'{"file_name": "out.png", "text": "a car"}', "metadata.jsonl:2: the image 'out.png' lies outside"),
+    ],
+)
 def test_bad_metadata_lines_are_named(training_base, training_data, tmp_path, line, message):
     data = data_folder(training_data, tmp_path, [GOOD, line])
     outside = tmp_path / "secret.png"
@@ -137,7 +180,9 @@ def test_bad_metadata_lines_are_named(training_base, training_data, tmp_path, li
 
 
 @pytest.mark.parametrize("limit", [3000, 1000])  # 64² = 4096 pixels: PIL warns above the limit, refuses above twice it
-def test_an_image_over_the_decompression_bomb_limit_is_named(training_base, training_data, tmp_path, monkeypatch, limit):
+def test_an_image_over_the_decompression_bomb_limit_is_named(
+    training_base, training_data, tmp_path, monkeypatch, limit
+):
     data = data_folder(training_data, tmp_path, [GOOD])
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", limit)
     with pytest.raises(ValueError, match=r"metadata.jsonl:1: .*0.png.* is not a readable image .*decompression"):
@@ -149,9 +194,19 @@ def test_a_run_written_inside_its_data_folder_is_not_read_as_data(training_base,
     data.mkdir()
     for path in training_data.iterdir():
         (data / path.name).write_bytes(path.read_bytes())
-    train(config(training_base, data, data / "run", stage="pixel-decoder", max_steps=1, validation_steps=1,
-                 validation_inference_steps=1))
+    train(
+        config(
+            training_base,
+            data,
+            data / "run",
+            stage="pixel-decoder",
+            max_steps=1,
+            validation_steps=1,
+            validation_inference_steps=1,
+        )
+    )
     assert list((data / "run").rglob("*.png"))  # validation images are there
     dataset = load_image_text_dataset(str(data))
     assert len(dataset) == 8 and sorted(dataset["text"]) == sorted(
-        json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines())
+        json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()
+    )

@@ -141,7 +141,14 @@ def test_prompts_of_mixed_lengths(pipe, reference):
     generator = torch.Generator().manual_seed(0)
     pixels = tensors["pixel_values"]
     a = pipe(pixels, prompts, max_new_tokens=3, min_new_tokens=3, generator=generator.manual_seed(0)).sequences
-    b = pipe(pixels, prompts, max_new_tokens=3, min_new_tokens=3, generator=generator.manual_seed(0), pad_prompt_before_image=True)
+    b = pipe(
+        pixels,
+        prompts,
+        max_new_tokens=3,
+        min_new_tokens=3,
+        generator=generator.manual_seed(0),
+        pad_prompt_before_image=True,
+    )
     assert torch.equal(a, b.sequences)
 
 
@@ -159,7 +166,9 @@ def test_odd_images_in_one_batch(pipe, monkeypatch):
     ]
     calls = []
     encode = pipe.visual_tokenizer.encode_features
-    monkeypatch.setattr(pipe.visual_tokenizer, "encode_features", lambda x, **kw: calls.append(x.shape) or encode(x, **kw))
+    monkeypatch.setattr(
+        pipe.visual_tokenizer, "encode_features", lambda x, **kw: calls.append(x.shape) or encode(x, **kw)
+    )
     out = pipe(images, max_new_tokens=2, min_new_tokens=2)
     assert calls == [(len(images), 3, 224, 224)]
     assert out.sequences.shape == (len(images), 2) and len(out.text) == len(images)
@@ -190,7 +199,9 @@ def test_sampling_is_reproducible_with_generator(pipe, pixel_values):
 
 
 def test_beam_search_and_multiple_returns(pipe, pixel_values):
-    out = pipe(pixel_values, num_beams=2, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4, length_penalty=0.5)
+    out = pipe(
+        pixel_values, num_beams=2, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4, length_penalty=0.5
+    )
     assert out.sequences.shape == (4, 4) and len(out.text) == 4
     captions = pipe.caption(pixel_values[:1], max_new_tokens=9, generator=torch.Generator().manual_seed(1))
     assert len(captions) == 1 and "." not in captions[0] and captions[0] == captions[0].strip()
@@ -250,7 +261,9 @@ def test_one_generator_per_image(pipe, pixel_values):
 
 def test_caption_with_streamer_is_greedy(pipe, pixel_values):
     streamer = Collect()
-    caption = pipe.caption(pixel_values[:1], max_new_tokens=4, streamer=streamer, generator=torch.Generator().manual_seed(0))
+    caption = pipe.caption(
+        pixel_values[:1], max_new_tokens=4, streamer=streamer, generator=torch.Generator().manual_seed(0)
+    )
     assert streamer.ended
     expected = pipe(pixel_values[:1], max_new_tokens=4, generator=torch.Generator().manual_seed(0)).text[0]
     assert caption[0] == expected.split(".")[0]
@@ -298,7 +311,9 @@ def test_postprocessing_functions():
 
 def test_caption_and_answer_postprocess_decoded_text(pipe, pixel_values, monkeypatch):
     def fake_call(self, image, prompt=None, **kwargs):
-        return LavitUnderstandingPipelineOutput(text=["A dog. Running", "red, green\nQuestion:"], sequences=torch.zeros(2, 1))
+        return LavitUnderstandingPipelineOutput(
+            text=["A dog. Running", "red, green\nQuestion:"], sequences=torch.zeros(2, 1)
+        )
 
     monkeypatch.setattr(type(pipe), "__call__", fake_call)
     assert pipe.caption(pixel_values) == ["A dog", "red, green\nQuestion:"]

@@ -21,7 +21,9 @@ def test_caption_grammar_and_questions():
     scene = shapes.single_scene(rng, shape="triangle", color="orange", position="top")
     assert scene.caption == "an orange triangle at the top"
     assert dict(scene.questions()) == {
-        "what color is the triangle?": "orange", "how many shapes are there?": "one", "where is the triangle?": "top",
+        "what color is the triangle?": "orange",
+        "how many shapes are there?": "one",
+        "where is the triangle?": "top",
     }
     pair = shapes.pair_scene(rng, shapes=("circle", "square"), colors=("red", "blue"), layout="side_by_side")
     assert pair.caption == "a red circle to the left of a blue square"
@@ -37,7 +39,7 @@ def test_render_follows_the_spec():
     (obj,) = scene.objects
     assert 14 <= obj.side <= 26 and abs(obj.center[0] - 16) <= 4 and abs(obj.center[1] - 32) <= 4
     assert np.abs(np.array(obj.rgb) - shapes.COLORS["green"]).max() <= 15
-    assert (shapes.foreground_mask(shapes.render(scene))).sum() == obj.side ** 2
+    assert (shapes.foreground_mask(shapes.render(scene))).sum() == obj.side**2
 
 
 def test_analyser_reads_renders_back():

@@ -86,21 +86,37 @@ class LavitApp:
     def __init__(self, text2image: LavitText2ImagePipeline, examples_folder: Path | None = None):
         self.text2image = text2image
         self.understanding = LavitUnderstandingPipeline(
-            tokenizer=text2image.tokenizer, language_model=text2image.language_model,
+            tokenizer=text2image.tokenizer,
+            language_model=text2image.language_model,
             visual_tokenizer=text2image.visual_tokenizer,
         )
         self.examples_folder = examples_folder  # None: not the demo model
 
-    def generate(self, prompt: str, image_files, seed: float, size: str, height: float, width: float,
-                 num_images: float, llm_guidance_scale: float, guidance_scale: float, steps: float,
-                 progress=TRACKED_PROGRESS):
+    def generate(
+        self,
+        prompt: str,
+        image_files,
+        seed: float,
+        size: str,
+        height: float,
+        width: float,
+        num_images: float,
+        llm_guidance_scale: float,
+        guidance_scale: float,
+        steps: float,
+        progress=TRACKED_PROGRESS,
+    ):
         """Images for `prompt` (with `<image>` placeholders for `image_files`), image i seeded with seed + i
         (`lavit generate --seed SEED+i` draws it): (gallery of (image, "seed S")), warning markdown)."""
         with shown_as_error():
             settings = Namespace(
-                aspect_ratio=None if size == NATIVE_SIZE else size, height=int(height) or None,
-                width=int(width) or None, guidance_scale=guidance_scale, llm_guidance_scale=llm_guidance_scale,
-                steps=check_count(steps, "--steps", MAX_STEPS), max_new_tokens=None,
+                aspect_ratio=None if size == NATIVE_SIZE else size,
+                height=int(height) or None,
+                width=int(width) or None,
+                guidance_scale=guidance_scale,
+                llm_guidance_scale=llm_guidance_scale,
+                steps=check_count(steps, "--steps", MAX_STEPS),
+                max_new_tokens=None,
             )
             count = check_count(num_images, "--num-images", MAX_IMAGES)
             images = [file_path(f) for f in image_files or []]
@@ -114,7 +130,9 @@ class LavitApp:
                 gr.Warning(warning)
             results = []
             for i, generator in enumerate(generators):
-                image = self.text2image(prompt, image=images or None, generator=generator, **generation_kwargs(settings)).images[0]
+                image = self.text2image(
+                    prompt, image=images or None, generator=generator, **generation_kwargs(settings)
+                ).images[0]
                 results.append((image, f"seed {int(seed) + i}"))
         return results, f"⚠️ {warning}" if warning else ""
 
@@ -130,7 +148,9 @@ class LavitApp:
             path = check_image_file(file_path(image_file) or "", "IMAGE")
             check_text(question, "QUESTION")
             generator = seeded(seed)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
+        )
         outcome = {}
 
         def run():
@@ -197,38 +217,62 @@ class LavitApp:
         with gr.Blocks(title="LaVIT") as blocks:
             gr.Markdown("# LaVIT\nText and images in, images and text out, through dynamic discrete visual tokens.")
             if self.examples_folder is not None:
-                gr.Markdown(DEMO_NOTE.format(
-                    shapes=" or ".join(shapes.SHAPES), colors=", ".join(shapes.COLORS), canvas=shapes.CANVAS,
-                    places=", ".join(shapes.PHRASES.values()), relations=", ".join(shapes.RELATIONS.values()),
-                ))
+                gr.Markdown(
+                    DEMO_NOTE.format(
+                        shapes=" or ".join(shapes.SHAPES),
+                        colors=", ".join(shapes.COLORS),
+                        canvas=shapes.CANVAS,
+                        places=", ".join(shapes.PHRASES.values()),
+                        relations=", ".join(shapes.RELATIONS.values()),
+                    )
+                )
             with gr.Tab("Generate"):
                 with gr.Row():
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", placeholder="put <image> where each image prompt goes")
-                        prompt_images = gr.File(label="Image prompts, in <image> order", file_count="multiple",
-                                                file_types=["image"], type="filepath")
+                        prompt_images = gr.File(
+                            label="Image prompts, in <image> order",
+                            file_count="multiple",
+                            file_types=["image"],
+                            type="filepath",
+                        )
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=0, precision=0)
-                            num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images (seeds seed … seed+N-1)")
+                            num_images = gr.Slider(
+                                1, MAX_IMAGES, value=1, step=1, label="Images (seeds seed … seed+N-1)"
+                            )
                         with gr.Row():
-                            size = gr.Dropdown([NATIVE_SIZE, *ASPECT_RATIO_SIZES], value=NATIVE_SIZE,
-                                               label=f"Aspect ratio (model's size: {native}×{native})")
+                            size = gr.Dropdown(
+                                [NATIVE_SIZE, *ASPECT_RATIO_SIZES],
+                                value=NATIVE_SIZE,
+                                label=f"Aspect ratio (model's size: {native}×{native})",
+                            )
                             height = gr.Number(label="Height (0: from the aspect ratio)", value=0, precision=0)
                             width = gr.Number(label="Width (0: from the aspect ratio)", value=0, precision=0)
                         with gr.Row():
                             llm_guidance = gr.Slider(0.5, 10, value=4.0, step=0.5, label="LLM guidance (visual tokens)")
-                            guidance = gr.Slider(0, 15, value=self.text2image.config.default_guidance_scale, step=0.5,
-                                                 label="Decoder guidance")
+                            guidance = gr.Slider(
+                                0,
+                                15,
+                                value=self.text2image.config.default_guidance_scale,
+                                step=0.5,
+                                label="Decoder guidance",
+                            )
                             steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Denoising steps")
                         generate = gr.Button("Generate", variant="primary")
                     with gr.Column():
                         warning = gr.Markdown()
-                        gallery = gr.Gallery(label="Images", format="png", columns=2,
-                                             buttons=["download", "download_all", "fullscreen"])
+                        gallery = gr.Gallery(
+                            label="Images", format="png", columns=2, buttons=["download", "download_all", "fullscreen"]
+                        )
                 gr.Examples([[p] for p in self.example_prompts()], inputs=[prompt], label="Example prompts")
-                generate.click(self.generate, [prompt, prompt_images, seed, size, height, width, num_images,
-                                               llm_guidance, guidance, steps], [gallery, warning],
-                               api_name="generate", **run)
+                generate.click(
+                    self.generate,
+                    [prompt, prompt_images, seed, size, height, width, num_images, llm_guidance, guidance, steps],
+                    [gallery, warning],
+                    api_name="generate",
+                    **run,
+                )
             with gr.Tab("Caption"):
                 with gr.Row():
                     caption_image = gr.File(label="Image", file_types=["image"], type="filepath")
@@ -237,7 +281,9 @@ class LavitApp:
                         caption_button = gr.Button("Caption", variant="primary")
                         caption = gr.Textbox(label="Caption")
                 if scenes:
-                    gr.Examples([[path] for path, _ in scenes], inputs=[caption_image], label="Scenes of the demo world")
+                    gr.Examples(
+                        [[path] for path, _ in scenes], inputs=[caption_image], label="Scenes of the demo world"
+                    )
                 caption_button.click(self.caption, [caption_image, caption_seed], caption, api_name="caption", **run)
             with gr.Tab("Ask"):
                 with gr.Row():
@@ -248,8 +294,11 @@ class LavitApp:
                         ask_button = gr.Button("Ask", variant="primary")
                         answer = gr.Textbox(label="Answer")
                 if scenes:
-                    gr.Examples([list(example) for example in scenes], inputs=[ask_image, question],
-                                label="Scenes of the demo world")
+                    gr.Examples(
+                        [list(example) for example in scenes],
+                        inputs=[ask_image, question],
+                        label="Scenes of the demo world",
+                    )
                 ask_button.click(self.ask, [ask_image, question, ask_seed], answer, api_name="ask", **run)
             with gr.Tab("Reconstruct"):
                 with gr.Row():
@@ -264,8 +313,13 @@ class LavitApp:
                         reconstruction = gr.Image(label="Image -> visual tokens -> image", format="png")
                 if scenes:
                     gr.Examples([[path] for path, _ in scenes], inputs=[source], label="Scenes of the demo world")
-                reconstruct_button.click(self.reconstruct, [source, reconstruct_seed, reconstruct_steps],
-                                         [reconstruction, token_count], api_name="reconstruct", **run)
+                reconstruct_button.click(
+                    self.reconstruct,
+                    [source, reconstruct_seed, reconstruct_steps],
+                    [reconstruction, token_count],
+                    api_name="reconstruct",
+                    **run,
+                )
         return blocks.queue(max_size=QUEUE_SIZE)
 
 

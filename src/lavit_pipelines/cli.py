@@ -42,13 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     loading = argparse.ArgumentParser(add_help=False)
-    loading.add_argument("--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)")
-    loading.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU or with --quantize)")
+    loading.add_argument(
+        "--model", help="converted LaVIT folder or Hub repo id (default: the embedded shapes-world demo model)"
+    )
+    loading.add_argument(
+        "--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU or with --quantize)"
+    )
     loading.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     loading.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload(): less GPU memory")
-    loading.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
-                         help="load the language model and the UNet quantized, weight-only: int8 (torchao; CPU and GPU), "
-                         "int4 (torchao; GPU), nf4 (bitsandbytes; GPU); default dtype then bfloat16 (docs/memory.md)")
+    loading.add_argument(
+        "--quantize",
+        choices=QUANTIZATION_SCHEMES,
+        help="load the language model and the UNet quantized, weight-only: int8 (torchao; CPU and GPU), "
+        "int4 (torchao; GPU), nf4 (bitsandbytes; GPU); default dtype then bfloat16 (docs/memory.md)",
+    )
     common = argparse.ArgumentParser(add_help=False, parents=[loading])
     common.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same output)")
 
@@ -61,19 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = add_command("generate", parents=[common], help="text (+ image) prompt -> image")
     gen.add_argument("prompt", nargs="?", help="the prompt; put <image> where each --image goes")
-    gen.add_argument("--output", help="output image file (.png, .jpg, .webp); with --num-images N > 1 the files are "
-                     "NAME-0.png ... NAME-{N-1}.png")
+    gen.add_argument(
+        "--output",
+        help="output image file (.png, .jpg, .webp); with --num-images N > 1 the files are "
+        "NAME-0.png ... NAME-{N-1}.png",
+    )
     gen.add_argument("--prompts", help="text file, one prompt per line (with --output-dir; shards across processes)")
     gen.add_argument("--output-dir", help="folder for --prompts outputs (00000.png, ...)")
     gen.add_argument("--image", nargs="+", default=[], help="prompt images, in the order of the <image> placeholders")
-    gen.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default: the model's native size)")
-    gen.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default: the model's native size)")
+    gen.add_argument(
+        "--height", type=positive_int, help="image height, a multiple of 8 (default: the model's native size)"
+    )
+    gen.add_argument(
+        "--width", type=positive_int, help="image width, a multiple of 8 (default: the model's native size)"
+    )
     gen.add_argument("--aspect-ratio", help="one of LaVIT's sizes: 1:1, 4:3, 3:2, 16:9, 2:3, 3:4")
     gen.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
-    gen.add_argument("--guidance-scale", type=float,
-                     help="decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)")
+    gen.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="decoder guidance (default: the model's: 7.0 for LaVIT, 2.5 for the demo model)",
+    )
     gen.add_argument("--llm-guidance-scale", type=float, help="visual-token guidance (default 4.0, 5.0 with images)")
-    gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)")
+    gen.add_argument(
+        "--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)"
+    )
     gen.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
 
     cap = add_command("caption", parents=[common], help="images -> one caption per line, in order")
@@ -95,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv = add_command("convert", help="release checkpoint (folder or Hub id) -> converted folder")
     conv.add_argument("src", help="release folder or Hub id (rain1011/LaVIT-7B-v2)")
     conv.add_argument("dst", help="folder to write")
-    conv.add_argument("--pixel-decoder", choices=("highres", "lowres"), default="highres",
-                      help="SDXL (1024²) or SD-1.5 (512²) decoder")
+    conv.add_argument(
+        "--pixel-decoder",
+        choices=("highres", "lowres"),
+        default="highres",
+        help="SDXL (1024²) or SD-1.5 (512²) decoder",
+    )
     conv.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--safety-checker", action="store_true", help="include the release's SD safety checker")
@@ -123,7 +146,11 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", default=default, help=help)
         else:
-            kind = type(default) if default is not None else next(t for t in typing.get_args(field.type) if t is not type(None))
+            kind = (
+                type(default)
+                if default is not None
+                else next(t for t in typing.get_args(field.type) if t is not type(None))
+            )
             parser.add_argument(flag, type=kind, default=default, help=help)
 
 
@@ -133,42 +160,78 @@ def add_train_parser(commands) -> None:
     from .training.config import STAGES, TrainingConfig
     from .training.subject import SubjectConfig
 
-    train = commands.add_parser("train", formatter_class=HelpFormatter, help="train or fine-tune one LaVIT stage (see docs/training.md)")
+    train = commands.add_parser(
+        "train", formatter_class=HelpFormatter, help="train or fine-tune one LaVIT stage (see docs/training.md)"
+    )
     stages = train.add_subparsers(dest="stage", required=True, metavar="{" + ",".join((*STAGES, "subject")) + "}")
     for stage in STAGES:
-        add_dataclass_options(stages.add_parser(stage, formatter_class=HelpFormatter, help=f"train the {stage} stage"),
-                              TrainingConfig, skip=("stage",))
-    subject = stages.add_parser("subject", formatter_class=HelpFormatter,
-                                help="teach the model a new word from a few images (see docs/subject.md)")
+        add_dataclass_options(
+            stages.add_parser(stage, formatter_class=HelpFormatter, help=f"train the {stage} stage"),
+            TrainingConfig,
+            skip=("stage",),
+        )
+    subject = stages.add_parser(
+        "subject",
+        formatter_class=HelpFormatter,
+        help="teach the model a new word from a few images (see docs/subject.md)",
+    )
     add_dataclass_options(subject, SubjectConfig)
 
 
 def add_evaluate_parser(commands) -> None:
     """`lavit evaluate {caption,vqa,t2i,shapes}`: the benchmarks of `lavit_pipelines.evaluation`."""
-    evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter, help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)")
+    evaluate = commands.add_parser(
+        "evaluate",
+        formatter_class=HelpFormatter,
+        help="LaVIT's zero-shot benchmarks and the shapes world (accelerate launch for many processes)",
+    )
     tasks = evaluate.add_subparsers(dest="task", required=True)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="the converted LaVIT folder (or Hub repo id) to evaluate (default: the embedded shapes-world demo model)")
+    model.add_argument(
+        "--model",
+        help="the converted LaVIT folder (or Hub repo id) to evaluate (default: the embedded shapes-world demo model)",
+    )
     model.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
     model.add_argument("--device", help="default: cuda if available; under accelerate launch, each process' device")
     model.add_argument("--seed", type=int, default=0, help="base seed of the batches (see docs/evaluation.md)")
     data = argparse.ArgumentParser(add_help=False, parents=[model])
     data.add_argument("--annotations", required=True, help="annotation JSON (see docs/evaluation.md)")
     data.add_argument("--images", default=".", help="folder the annotations' image paths are relative to")
-    data.add_argument("--output", required=True, help="results folder: predictions.json, metrics.json (a rerun resumes)")
+    data.add_argument(
+        "--output", required=True, help="results folder: predictions.json, metrics.json (a rerun resumes)"
+    )
     data.add_argument("--limit", type=positive_int, help="evaluate only the first N entries")
 
-    cap = tasks.add_parser("caption", formatter_class=HelpFormatter, parents=[data], help="captioning: COCO Karpathy test, NoCaps, Flickr30K")
+    cap = tasks.add_parser(
+        "caption",
+        formatter_class=HelpFormatter,
+        parents=[data],
+        help="captioning: COCO Karpathy test, NoCaps, Flickr30K",
+    )
     cap.add_argument("--ground-truth", required=True, help="COCO-format caption file")
     cap.add_argument("--batch-size", type=positive_int, default=8)
-    cap.add_argument("--metrics", nargs="+", default=["Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
-                     choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"), help="pycocoevalcap metrics")
+    cap.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
+        choices=("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE"),
+        help="pycocoevalcap metrics",
+    )
     vqa = tasks.add_parser("vqa", formatter_class=HelpFormatter, parents=[data], help="VQA: VQAv2, OK-VQA, VizWiz, GQA")
     vqa.add_argument("--dataset", choices=("vqav2", "okvqa", "vizwiz", "gqa"), default="vqav2")
-    vqa.add_argument("--ground-truth", help="official VQA annotations, when --annotations is an official questions file")
-    vqa.add_argument("--no-lemmatize", action="store_true", help="skip the original's spaCy lemmatisation (a deviation)")
+    vqa.add_argument(
+        "--ground-truth", help="official VQA annotations, when --annotations is an official questions file"
+    )
+    vqa.add_argument(
+        "--no-lemmatize", action="store_true", help="skip the original's spaCy lemmatisation (a deviation)"
+    )
     vqa.add_argument("--batch-size", type=positive_int, default=8)
-    t2i = tasks.add_parser("t2i", formatter_class=HelpFormatter, parents=[data], help="text-to-image: FID (and CLIP score) on COCO captions")
+    t2i = tasks.add_parser(
+        "t2i",
+        formatter_class=HelpFormatter,
+        parents=[data],
+        help="text-to-image: FID (and CLIP score) on COCO captions",
+    )
     t2i.add_argument("--clip", help="local transformers CLIP folder (ViT-L/14 in the paper) to pick the best image")
     t2i.add_argument("--inception-weights", help="FID Inception weights file (torch-fidelity's), needs torch-fidelity")
     t2i.add_argument("--no-fid", action="store_true", help="generate (and CLIP-score) only")
@@ -178,13 +241,22 @@ def add_evaluate_parser(commands) -> None:
     t2i.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
     t2i.add_argument("--batch-size", type=positive_int, default=1, help="captions per batch")
 
-    shapes = tasks.add_parser("shapes", formatter_class=HelpFormatter, parents=[model], help="generation, caption and VQA accuracy on the shapes world")
+    shapes = tasks.add_parser(
+        "shapes",
+        formatter_class=HelpFormatter,
+        parents=[model],
+        help="generation, caption and VQA accuracy on the shapes world",
+    )
     shapes.add_argument("--output", required=True, help="folder for the images, predictions.json and metrics.json")
-    shapes.add_argument("--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)")
+    shapes.add_argument(
+        "--num-prompts", type=positive_int, default=60, help="generation prompts (half of them two-object)"
+    )
     shapes.add_argument("--num-scenes", type=positive_int, default=60, help="held-out scenes to caption and question")
     shapes.add_argument("--batch-size", type=positive_int, default=8)
     shapes.add_argument("--steps", type=positive_int, default=25, help="denoising steps of the generation")
-    shapes.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
+    shapes.add_argument(
+        "--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)"
+    )
 
 
 # ------------------------------------------------------------------ argument checks (before loading anything)
@@ -266,7 +338,9 @@ def image_size(args) -> tuple[int | None, int | None]:
         if args.height or args.width:
             raise UsageError("give either --aspect-ratio or --height/--width, not both")
         if args.aspect_ratio not in ASPECT_RATIO_SIZES:
-            raise UsageError(f"--aspect-ratio must be one of {', '.join(ASPECT_RATIO_SIZES)}, got {args.aspect_ratio!r}")
+            raise UsageError(
+                f"--aspect-ratio must be one of {', '.join(ASPECT_RATIO_SIZES)}, got {args.aspect_ratio!r}"
+            )
         return ASPECT_RATIO_SIZES[args.aspect_ratio]
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value % 8 or not 0 < value <= MAX_IMAGE_SIDE):
@@ -314,7 +388,9 @@ def check_prompt(prompt: str, images: list[str]) -> None:
     for path in images:
         check_image_file(path, "--image")
     if prompt.count("<image>") != len(images):
-        raise UsageError(f"the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} --image files")
+        raise UsageError(
+            f"the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} --image files"
+        )
 
 
 def check_generate(args) -> None:
@@ -402,8 +478,12 @@ def generation_kwargs(args) -> dict:
     """The pipeline arguments shared by single and batch generation."""
     height, width = image_size(args)
     return dict(
-        height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        llm_guidance_scale=args.llm_guidance_scale, max_new_tokens=args.max_new_tokens,
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        llm_guidance_scale=args.llm_guidance_scale,
+        max_new_tokens=args.max_new_tokens,
     )
 
 
@@ -420,8 +500,11 @@ def run_generate(args) -> None:
     if warning:
         print(f"lavit generate: warning: {warning}", file=sys.stderr)
     out = pipe(
-        args.prompt, image=args.image or None, num_images_per_prompt=args.num_images,
-        generator=torch.Generator().manual_seed(args.seed), **generation_kwargs(args),
+        args.prompt,
+        image=args.image or None,
+        num_images_per_prompt=args.num_images,
+        generator=torch.Generator().manual_seed(args.seed),
+        **generation_kwargs(args),
     )
     output = Path(args.output)
     for i, image in enumerate(out.images):
@@ -465,8 +548,9 @@ def run_understanding(args) -> None:
     for path in images:
         check_image_file(path, "IMAGE")
     if args.command == "ask":  # a question too long for the context is refused before the models load
-        LavitUnderstandingPipeline.check_prompt_fits(model_source(args), VQA_PROMPT.format(args.question),
-                                                     ANSWER_DEFAULTS["max_new_tokens"])
+        LavitUnderstandingPipeline.check_prompt_fits(
+            model_source(args), VQA_PROMPT.format(args.question), ANSWER_DEFAULTS["max_new_tokens"]
+        )
     pipe = load_pipeline(LavitUnderstandingPipeline, args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.command == "caption":
@@ -483,7 +567,9 @@ def run_reconstruct(args) -> None:
     check_image_file(args.image, "IMAGE")
     output = check_output(args.output)
     pipe = load_pipeline(LavitText2ImagePipeline, args)
-    out = pipe.reconstruct(args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+    out = pipe.reconstruct(
+        args.image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)
+    )
     save_image(out.images[0], output)
     print(output)
 
@@ -525,8 +611,16 @@ def evaluate_caption(args, device, dtype):
     from .evaluation.captioning import evaluate_captioning
 
     return evaluate_captioning(
-        args.model, annotations=args.annotations, images=args.images, ground_truth=args.ground_truth,
-        output=args.output, batch_size=args.batch_size, seed=args.seed, device=device, dtype=dtype, limit=args.limit,
+        args.model,
+        annotations=args.annotations,
+        images=args.images,
+        ground_truth=args.ground_truth,
+        output=args.output,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+        limit=args.limit,
         metrics=tuple(args.metrics),
     )
 
@@ -535,9 +629,18 @@ def evaluate_vqa(args, device, dtype):
     from .evaluation.vqa import evaluate_vqa as run
 
     return run(
-        args.model, annotations=args.annotations, images=args.images, output=args.output, dataset=args.dataset,
-        ground_truth=args.ground_truth, lemmatize=not args.no_lemmatize, batch_size=args.batch_size, seed=args.seed,
-        device=device, dtype=dtype, limit=args.limit,
+        args.model,
+        annotations=args.annotations,
+        images=args.images,
+        output=args.output,
+        dataset=args.dataset,
+        ground_truth=args.ground_truth,
+        lemmatize=not args.no_lemmatize,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+        limit=args.limit,
     )
 
 
@@ -548,10 +651,20 @@ def evaluate_t2i(args, device, dtype):
     if not (args.inception_weights or args.no_fid):
         raise UsageError(f"{INCEPTION_HINT}: pass --inception-weights FILE, or --no-fid")
     return evaluate_text_to_image(
-        args.model, annotations=args.annotations, output=args.output, images=args.images, clip=args.clip,
-        fid_feature=None if args.no_fid else args.inception_weights, num_images=args.num_images,
-        resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, device=device, dtype=dtype,
-        limit=args.limit, generation_kwargs=evaluation_generation_kwargs(args),
+        args.model,
+        annotations=args.annotations,
+        output=args.output,
+        images=args.images,
+        clip=args.clip,
+        fid_feature=None if args.no_fid else args.inception_weights,
+        num_images=args.num_images,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+        limit=args.limit,
+        generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 
@@ -559,8 +672,15 @@ def evaluate_shapes(args, device, dtype):
     from .evaluation.shapes import evaluate_shapes as run
 
     return run(
-        args.model, output=args.output, num_prompts=args.num_prompts, num_scenes=args.num_scenes, seed=args.seed,
-        batch_size=args.batch_size, device=device, dtype=dtype, generation_kwargs=evaluation_generation_kwargs(args),
+        args.model,
+        output=args.output,
+        num_prompts=args.num_prompts,
+        num_scenes=args.num_scenes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        generation_kwargs=evaluation_generation_kwargs(args),
     )
 
 
@@ -587,8 +707,14 @@ def run_train(args) -> None:
 
 
 COMMANDS = {
-    "generate": run_generate, "caption": run_understanding, "ask": run_understanding,
-    "reconstruct": run_reconstruct, "app": run_app, "convert": run_convert, "train": run_train, "evaluate": run_evaluate,
+    "generate": run_generate,
+    "caption": run_understanding,
+    "ask": run_understanding,
+    "reconstruct": run_reconstruct,
+    "app": run_app,
+    "convert": run_convert,
+    "train": run_train,
+    "evaluate": run_evaluate,
 }
 
 

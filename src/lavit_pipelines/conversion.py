@@ -31,8 +31,10 @@ from .staging import REPLACED, apply_umask, clean_stale_staging, staging_folder
 from .tokenization import load_lavit_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PIXEL_DECODERS = {"highres": ("highres_pixel_decoding", "highres_tokenizer_decoder.bin"),
-                  "lowres": ("pixel_decoding", "tokenizer_decoder.bin")}
+PIXEL_DECODERS = {
+    "highres": ("highres_pixel_decoding", "highres_tokenizer_decoder.bin"),
+    "lowres": ("pixel_decoding", "tokenizer_decoder.bin"),
+}
 
 # (source-key regex, our key template or None to ignore). First full match wins.
 EVA_KEYS = [
@@ -49,14 +51,17 @@ EVA_KEYS = [
 
 # Shared by the token merger and the tokenizer decoders: both blocks are self-attn + cross-attn + MLP.
 BLOCK_KEYS = [
-    (r"norm0\.", "norm1."), (r"norm1\.", "norm2."), (r"norm2\.", "norm3."),
+    (r"norm0\.", "norm1."),
+    (r"norm1\.", "norm2."),
+    (r"norm2\.", "norm3."),
     (r"(token_causal_attn|self_attn)\.qkv\.", "self_attn.qkv."),
     (r"(token_causal_attn|self_attn)\.proj\.", "self_attn.out_proj."),
     (r"(token_cross_attn|cross_attn)\.query\.", "cross_attn.q_proj."),
     (r"(token_cross_attn|cross_attn)\.key\.", "cross_attn.k_proj."),
     (r"(token_cross_attn|cross_attn)\.value\.", "cross_attn.v_proj."),
     (r"(token_cross_attn|cross_attn)\.proj\.", "cross_attn.out_proj."),
-    (r"mlp\.fc1\.", "mlp.net.0.proj."), (r"mlp\.fc2\.", "mlp.net.2."),
+    (r"mlp\.fc1\.", "mlp.net.0.proj."),
+    (r"mlp\.fc2\.", "mlp.net.2."),
 ]
 
 
@@ -217,8 +222,10 @@ def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) ->
     lm_dir = src / "language_model"
     llama = LlamaConfig.from_pretrained(lm_dir).to_dict()
     ids = dict(
-        image_start_token_id=text_vocab_size, image_end_token_id=text_vocab_size + 1,
-        visual_token_offset=text_vocab_size + 2, visual_vocab_size=llama["vocab_size"] - text_vocab_size - 2,
+        image_start_token_id=text_vocab_size,
+        image_end_token_id=text_vocab_size + 1,
+        visual_token_offset=text_vocab_size + 2,
+        visual_vocab_size=llama["vocab_size"] - text_vocab_size - 2,
     )
     config = LavitConfig.from_dict({**llama, **ids})
     with init_empty_weights():
@@ -302,7 +309,10 @@ def convert_scheduler(folder: Path, dst: Path) -> None:
     DDIMScheduler.from_config(DDIMScheduler.load_config(folder)).save_pretrained(dst)
 
 
-SAFETY_FILES = ["pixel_decoding/safety_checker/config.json", "pixel_decoding/feature_extractor/preprocessor_config.json"]
+SAFETY_FILES = [
+    "pixel_decoding/safety_checker/config.json",
+    "pixel_decoding/feature_extractor/preprocessor_config.json",
+]
 
 
 def required_files(variant: str, safety_checker: bool = False) -> list[str]:
@@ -332,7 +342,11 @@ def resolve_source(checkpoint: str, variant: str, safety_checker: bool = False) 
     from huggingface_hub import snapshot_download
 
     folder = PIXEL_DECODERS[variant][0]
-    patterns = required_files(variant, safety_checker) + ["language_model/pytorch_model*", f"{folder}/unet/*", f"{folder}/vae/*"]
+    patterns = required_files(variant, safety_checker) + [
+        "language_model/pytorch_model*",
+        f"{folder}/unet/*",
+        f"{folder}/vae/*",
+    ]
     patterns += ["pixel_decoding/safety_checker/*"] if safety_checker else []
     return Path(snapshot_download(checkpoint, allow_patterns=patterns))
 
@@ -376,7 +390,9 @@ def write_components(src: Path, out: Path, variant: str, dtype, safety_checker: 
         from transformers import CLIPImageProcessor  # imported here: without torchvision it logs a fallback notice
 
         for name, cls in (("safety_checker", StableDiffusionSafetyChecker), ("feature_extractor", CLIPImageProcessor)):
-            shutil.copytree(src / "pixel_decoding" / name, out / name, ignore=shutil.ignore_patterns("*.bin", "*.msgpack"))
+            shutil.copytree(
+                src / "pixel_decoding" / name, out / name, ignore=shutil.ignore_patterns("*.bin", "*.msgpack")
+            )
             classes[name] = cls
     index = {"_class_name": "LavitText2ImagePipeline", "_diffusers_version": diffusers_version}
     index.update({name: list(_fetch_class_library_tuple(cls)) for name, cls in classes.items()})
@@ -465,11 +481,17 @@ def check_tensors_finite(name: str, folder: Path) -> None:
             for key in f.keys():
                 tensor = f.get_tensor(key)
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(f"The converted component `{name}` holds NaN or infinite values in {key} ({path}).")
+                    raise ValueError(
+                        f"The converted component `{name}` holds NaN or infinite values in {key} ({path})."
+                    )
 
 
 def convert(
-    checkpoint: str, dump_path: str, variant: str = "highres", dtype: str | None = None, overwrite: bool = False,
+    checkpoint: str,
+    dump_path: str,
+    variant: str = "highres",
+    dtype: str | None = None,
+    overwrite: bool = False,
     safety_checker: bool = False,
 ) -> Path:
     """Convert `checkpoint` (folder or Hub id) into `dump_path`, with the release's safety checker if asked.

@@ -33,7 +33,9 @@ def load_image(image, name: str = "image") -> PIL.Image.Image:
         image = open_image_file(image, name)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise TypeError(f"`{name}` arrays must be uint8 of shape (H, W) or (H, W, C), got {image.dtype} {image.shape}.")
+            raise TypeError(
+                f"`{name}` arrays must be uint8 of shape (H, W) or (H, W, C), got {image.dtype} {image.shape}."
+            )
         image = PIL.Image.fromarray(image)
     elif not isinstance(image, PIL.Image.Image):
         raise TypeError(f"`{name}` must be a PIL image, a path or a uint8 array, got {type(image).__name__}.")
@@ -48,7 +50,10 @@ class LavitImageProcessor(ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, image_size: int = 224, image_mean: tuple = tuple(OPENAI_CLIP_MEAN), image_std: tuple = tuple(OPENAI_CLIP_STD)
+        self,
+        image_size: int = 224,
+        image_mean: tuple = tuple(OPENAI_CLIP_MEAN),
+        image_std: tuple = tuple(OPENAI_CLIP_STD),
     ):
         super().__init__()
 

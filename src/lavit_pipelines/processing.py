@@ -33,7 +33,11 @@ def images_per_prompt(prompts: list[str], image) -> list[list]:
     else:
         images = [list(image) if isinstance(image, (list, tuple)) else [image]] if len(prompts) == 1 else None
     if images is None or len(images) != len(prompts) or [len(i) for i in images] != counts:
-        given = "no image" if image is None else f"{len(image) if isinstance(image, (list, tuple, torch.Tensor)) else 1} image entries"
+        given = (
+            "no image"
+            if image is None
+            else f"{len(image) if isinstance(image, (list, tuple, torch.Tensor)) else 1} image entries"
+        )
         raise ValueError(
             f"The prompts hold {counts} `{IMAGE_PLACEHOLDER}` placeholders but `image` has {given}; pass one image "
             f"per placeholder (a list per prompt when `prompt` is a list)."
@@ -75,13 +79,17 @@ class LavitProcessor:
                 ids += self.text_ids(segment.strip())
         limit = self.config.max_position_embeddings - max_new_tokens - 1
         if len(ids) > limit:
-            logger.warning(f"The prompt has {len(ids)} tokens; only the first {limit} fit the language model's context.")
+            logger.warning(
+                f"The prompt has {len(ids)} tokens; only the first {limit} fit the language model's context."
+            )
         return ids[:limit] + [self.config.image_start_token_id]
 
     def image_embeds(self, features: torch.Tensor, embeddings: torch.nn.Embedding) -> torch.Tensor:
         """(n, D) features -> `[emb([IMG])] features [emb([/IMG])]` (n + 2, D), on the embeddings' device and dtype."""
         weight = embeddings.weight
-        markers = embeddings(torch.tensor([self.config.image_start_token_id, self.config.image_end_token_id], device=weight.device))
+        markers = embeddings(
+            torch.tensor([self.config.image_start_token_id, self.config.image_end_token_id], device=weight.device)
+        )
         return torch.cat([markers[:1], features.to(weight.device, weight.dtype), markers[1:]])
 
     def understanding_inputs(

@@ -57,16 +57,22 @@ def component_quantization_configs(scheme: str, components, device="cuda") -> di
 
     if BACKENDS[scheme] == "bitsandbytes":
         nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
-        configs = {"language_model": transformers.BitsAndBytesConfig(**nf4), "unet": diffusers.BitsAndBytesConfig(**nf4)}
+        configs = {
+            "language_model": transformers.BitsAndBytesConfig(**nf4),
+            "unet": diffusers.BitsAndBytesConfig(**nf4),
+        }
     else:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
         language_model = (
-            Int8WeightOnlyConfig() if scheme == "int8"
+            Int8WeightOnlyConfig()
+            if scheme == "int8"
             else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
         )
-        configs = {"language_model": transformers.TorchAoConfig(quant_type=language_model),
-                   "unet": diffusers.TorchAoConfig(quant_type=Int8WeightOnlyConfig())}
+        configs = {
+            "language_model": transformers.TorchAoConfig(quant_type=language_model),
+            "unet": diffusers.TorchAoConfig(quant_type=Int8WeightOnlyConfig()),
+        }
     return {name: configs[name] for name in QUANTIZED_COMPONENTS if name in components}
 
 

@@ -45,7 +45,9 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _unet(variant: str) -> UNet2DConditionModel:
     """Tiny SDXL-style (high-res) or SD-1.5-style (low-res) UNet for 8×8 latents (64×64 images)."""
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
+    common = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8
+    )
     if variant == "highres":
         return UNet2DConditionModel(
             **common,
@@ -98,19 +100,35 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
             )
         ),
         "visual_tokenizer": lambda: LavitVisualTokenizer(
-            hidden_size=176, encoder_layers=2, encoder_mlp_dim=64, merger_layers=1, merger_mlp_dim=64,
-            codebook_size=CODEBOOK_SIZE, codebook_dim=32, llm_hidden_size=LLM_HIDDEN,
+            hidden_size=176,
+            encoder_layers=2,
+            encoder_mlp_dim=64,
+            merger_layers=1,
+            merger_mlp_dim=64,
+            codebook_size=CODEBOOK_SIZE,
+            codebook_dim=32,
+            llm_hidden_size=LLM_HIDDEN,
         ),
         "pixel_decoder": lambda: LavitPixelDecoder(
-            variant=variant, codebook_size=CODEBOOK_SIZE, codebook_dim=32, hidden_size=176, num_layers=1, mlp_dim=64,
-            output_dim=64, prompt_embed_dims=PROMPT_EMBED_DIMS[variant],
+            variant=variant,
+            codebook_size=CODEBOOK_SIZE,
+            codebook_dim=32,
+            hidden_size=176,
+            num_layers=1,
+            mlp_dim=64,
+            output_dim=64,
+            prompt_embed_dims=PROMPT_EMBED_DIMS[variant],
             pooled_embed_dim=POOLED_DIM if variant == "highres" else None,
             negative_condition_length=7 if variant == "lowres" else None,
         ),
         "unet": lambda: _unet(variant),
         "vae": lambda: AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
+            block_out_channels=(8, 8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
             scaling_factor=0.13025 if variant == "highres" else 0.18215,
         ),
     }
@@ -124,7 +142,11 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
     # The visual tokenizer's codebook is the decoder's: LaVIT shares one quantizer between them.
     components["pixel_decoder"].codebook.weight.data.copy_(components["visual_tokenizer"].codebook.weight.data)
     components["scheduler"] = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
         set_alpha_to_one=False,
     )
     return components
@@ -146,7 +168,8 @@ def _file_digests(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file in `folder` but the manifest."""
     return {
         path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
     }
 
 

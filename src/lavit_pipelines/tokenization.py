@@ -36,8 +36,12 @@ from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.utils import cached_file
 
 __all__ = [
-    "load_lavit_tokenizer", "build_sentencepiece_exact_tokenizer", "build_llama_style_tokenizer",
-    "add_placeholder_tokens", "unseen_words", "unseen_words_warning",
+    "load_lavit_tokenizer",
+    "build_sentencepiece_exact_tokenizer",
+    "build_llama_style_tokenizer",
+    "add_placeholder_tokens",
+    "unseen_words",
+    "unseen_words_warning",
 ]
 
 _SPIECE_UNDERLINE = "▁"
@@ -95,7 +99,9 @@ def _special(token) -> AddedToken | None:
     return AddedToken(str(token), lstrip=False, rstrip=False, normalized=False, special=True)
 
 
-def build_sentencepiece_exact_tokenizer(folder: str, model_file: str | None = None, **kwargs) -> PreTrainedTokenizerFast:
+def build_sentencepiece_exact_tokenizer(
+    folder: str, model_file: str | None = None, **kwargs
+) -> PreTrainedTokenizerFast:
     """Build the exact LaVIT tokenizer from a folder with ``tokenizer.model`` (+ ``tokenizer_config.json``)."""
     model_file = model_file or os.path.join(folder, "tokenizer.model")
     llama = LlamaTokenizer.from_pretrained(folder, legacy=True, **kwargs)
@@ -162,7 +168,9 @@ def load_lavit_tokenizer(path_or_folder: str | os.PathLike, **kwargs) -> PreTrai
     else:
         model_file = _optional_file(path_or_folder, "tokenizer.model", file_kwargs)
         if model_file is None:
-            raise OSError(f"{path_or_folder} has neither a saved LaVIT tokenizer.json nor a sentencepiece tokenizer.model")
+            raise OSError(
+                f"{path_or_folder} has neither a saved LaVIT tokenizer.json nor a sentencepiece tokenizer.model"
+            )
         tokenizer = build_sentencepiece_exact_tokenizer(path_or_folder, model_file=model_file, **kwargs)
 
     tokenizer.padding_side = padding_side
@@ -222,11 +230,14 @@ def unseen_words_warning(tokenizer, prompt: str) -> str | None:
     unseen = unseen_words(tokenizer, prompt)
     if not unseen:
         return None
-    return (f"the model was never trained on the words {', '.join(map(repr, unseen))}: expect a picture of "
-            f"something else")
+    return (
+        f"the model was never trained on the words {', '.join(map(repr, unseen))}: expect a picture of something else"
+    )
 
 
-def build_llama_style_tokenizer(corpus: str, num_merges: int, known_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+def build_llama_style_tokenizer(
+    corpus: str, num_merges: int, known_words: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """LLaMA-style byte-fallback BPE trained on `corpus`: `<unk>`=0, `<s>`=1, `</s>`=2, 256 byte tokens, the
     corpus characters, then up to `num_merges` merges. Pads on the left with `</s>`; `add_special_tokens=True`
     prepends `<s>` like LLaMA. `known_words` (saved in tokenizer_config.json) declares the model's vocabulary
@@ -281,7 +292,9 @@ def add_placeholder_tokens(tokenizer: PreTrainedTokenizerFast, language_model, t
             content = json.load(file)
         vocab = content["model"].get("vocab")
         if not isinstance(vocab, dict):
-            raise ValueError(f"placeholder tokens need a tokenizer model with a vocabulary dict, not {content['model']['type']}.")
+            raise ValueError(
+                f"placeholder tokens need a tokenizer model with a vocabulary dict, not {content['model']['type']}."
+            )
         vocab.update(zip(tokens, ids))
         with open(path, "w", encoding="utf-8") as file:
             json.dump(content, file, ensure_ascii=False)

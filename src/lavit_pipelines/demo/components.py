@@ -32,8 +32,16 @@ QUESTION_WORDS = "Question: Answer: what color is the where how many shapes are 
 def world_corpus() -> str:
     """Every word the world's captions, questions and answers use (with `Question:`/`Answer:`, LaVIT's VQA
     prompt, and the full stop), once each: a tokenizer trained on it gives one token per word."""
-    words = ["a", "an", *shapes.COLORS, *shapes.SHAPES, *shapes.POSITIONS, *" ".join(shapes.PHRASES.values()).split(),
-             *" ".join(shapes.RELATIONS.values()).split(), *QUESTION_WORDS.split()]
+    words = [
+        "a",
+        "an",
+        *shapes.COLORS,
+        *shapes.SHAPES,
+        *shapes.POSITIONS,
+        *" ".join(shapes.PHRASES.values()).split(),
+        *" ".join(shapes.RELATIONS.values()).split(),
+        *QUESTION_WORDS.split(),
+    ]
     words += [f"{shape}?" for shape in shapes.SHAPES] + ["shapes?", "left?", "."]
     return " ".join(dict.fromkeys(words))
 
@@ -41,7 +49,9 @@ def world_corpus() -> str:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """LLaMA-style tokenizer whose merges make every world word a single token (byte fallback for the rest); it
     declares the world's words as the model's `known_words`."""
-    return build_llama_style_tokenizer(world_corpus(), num_merges=10_000, known_words=sorted(set(words(world_corpus()))))
+    return build_llama_style_tokenizer(
+        world_corpus(), num_merges=10_000, known_words=sorted(set(words(world_corpus())))
+    )
 
 
 def build_components(seed: int = 0) -> dict:
@@ -51,32 +61,69 @@ def build_components(seed: int = 0) -> dict:
     builders = {
         "language_model": lambda: LavitForCausalLM(
             LavitConfig(
-                vocab_size=text_vocab + 2 + CODEBOOK_SIZE, hidden_size=LLM_HIDDEN, intermediate_size=2 * LLM_HIDDEN,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                bos_token_id=1, eos_token_id=2, pad_token_id=2, image_start_token_id=text_vocab,
-                image_end_token_id=text_vocab + 1, visual_token_offset=text_vocab + 2, visual_vocab_size=CODEBOOK_SIZE,
+                vocab_size=text_vocab + 2 + CODEBOOK_SIZE,
+                hidden_size=LLM_HIDDEN,
+                intermediate_size=2 * LLM_HIDDEN,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=256,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=2,
+                image_start_token_id=text_vocab,
+                image_end_token_id=text_vocab + 1,
+                visual_token_offset=text_vocab + 2,
+                visual_vocab_size=CODEBOOK_SIZE,
             )
         ),
         "visual_tokenizer": lambda: LavitVisualTokenizer(
-            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=VISION_HIDDEN, encoder_layers=3,
-            encoder_mlp_dim=2 * VISION_HIDDEN, merger_layers=1, merger_mlp_dim=2 * VISION_HIDDEN, attention_head_dim=32, codebook_size=CODEBOOK_SIZE,
-            codebook_dim=CODEBOOK_DIM, llm_hidden_size=LLM_HIDDEN,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            hidden_size=VISION_HIDDEN,
+            encoder_layers=3,
+            encoder_mlp_dim=2 * VISION_HIDDEN,
+            merger_layers=1,
+            merger_mlp_dim=2 * VISION_HIDDEN,
+            attention_head_dim=32,
+            codebook_size=CODEBOOK_SIZE,
+            codebook_dim=CODEBOOK_DIM,
+            llm_hidden_size=LLM_HIDDEN,
         ),
         "pixel_decoder": lambda: LavitPixelDecoder(
-            variant="lowres", codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM, hidden_size=VISION_HIDDEN,
-            num_layers=1, mlp_dim=2 * VISION_HIDDEN, attention_head_dim=32, num_queries=MAX_VISUAL_TOKENS,
-            output_dim=CONDITION_DIM, prompt_embed_dims=(CONDITION_DIM,), pooled_embed_dim=None, negative_condition_length=4,
+            variant="lowres",
+            codebook_size=CODEBOOK_SIZE,
+            codebook_dim=CODEBOOK_DIM,
+            hidden_size=VISION_HIDDEN,
+            num_layers=1,
+            mlp_dim=2 * VISION_HIDDEN,
+            attention_head_dim=32,
+            num_queries=MAX_VISUAL_TOKENS,
+            output_dim=CONDITION_DIM,
+            prompt_embed_dims=(CONDITION_DIM,),
+            pooled_embed_dim=None,
+            negative_condition_length=4,
         ),
         "unet": lambda: UNet2DConditionModel(
-            sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            sample_size=IMAGE_SIZE // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads: 2 and 4 heads of 16.
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=8,
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
             cross_attention_dim=CONDITION_DIM,
         ),
         "vae": lambda: AutoencoderKL(
-            block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=IMAGE_SIZE,
         ),
     }
     components = {"tokenizer": tokenizer}
@@ -88,7 +135,11 @@ def build_components(seed: int = 0) -> dict:
         # them); trained from scratch they must start apart, or all queries stay identical and ignore the codes.
         randomize_zero_parameters(components["pixel_decoder"])
     components["scheduler"] = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
         set_alpha_to_one=False,
     )
     return components

@@ -53,8 +53,16 @@ def patch_words(images: torch.Tensor, captions: list[str], patch: int, min_share
             raise ValueError(f"`captions` must be captions of the shapes world, got {caption!r}.")
         places = (facts.position,) if facts.layout is None else PAIR_PLACES[facts.layout]
         which = torch.zeros(len(rows), dtype=torch.long) if facts.layout is None else halves[facts.layout]
-        table = torch.tensor([[PATCH_WORDS["color"].index(c) + 1, PATCH_WORDS["shape"].index(s) + 1,
-                               PATCH_WORDS["place"].index(p) + 1] for (c, s), p in zip(facts.objects, places)])
+        table = torch.tensor(
+            [
+                [
+                    PATCH_WORDS["color"].index(c) + 1,
+                    PATCH_WORDS["shape"].index(s) + 1,
+                    PATCH_WORDS["place"].index(p) + 1,
+                ]
+                for (c, s), p in zip(facts.objects, places)
+            ]
+        )
         words[i] = table[which] * occupied[i, :, None]
     return words
 
@@ -107,13 +115,16 @@ class ContrastiveModel(nn.Module):
         self.encoder = encoder
         self.image_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
         self.pixel_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 3 * patch * patch))
-        self.word_heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, len(w) + 1)) for w in PATCH_WORDS.values())
+        self.word_heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, len(w) + 1)) for w in PATCH_WORDS.values()
+        )
         self.text_encoder = CaptionEncoder(vocab_size, dim)
         self.text_head = nn.Linear(dim, embed_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def loss(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor,
-             words: torch.Tensor) -> tuple:
+    def loss(
+        self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, words: torch.Tensor
+    ) -> tuple:
         """(contrastive, pixel, word) losses. Contrastive: symmetric InfoNCE where every pair with the same
         caption (`same`: (B, B) bool) counts as a positive. Pixel: squared error of each patch's predicted
         pixels. Word: cross-entropy of each patch's words (`words`: (B, N, 3) from `patch_words`)."""
@@ -127,13 +138,25 @@ class ContrastiveModel(nn.Module):
         patch = self.encoder.patch_embedding.kernel_size[0]
         patches = F.unfold(pixel_values, patch, stride=patch).transpose(1, 2)  # (B, N, 3·p·p)
         pixel = (self.pixel_head(features) - patches).pow(2).mean()
-        word = sum(F.cross_entropy(head(features).flatten(0, 1), words[..., i].flatten()) for i, head in enumerate(self.word_heads))
+        word = sum(
+            F.cross_entropy(head(features).flatten(0, 1), words[..., i].flatten())
+            for i, head in enumerate(self.word_heads)
+        )
         return contrastive, pixel, word / len(self.word_heads)
 
 
 def train_vision_encoder(
-    encoder: EvaVisionEncoder, processor: LavitImageProcessor, tokenizer, images: torch.Tensor, captions: list[str],
-    steps: int, batch_size: int, learning_rate: float, seed: int, pixel_weight: float = 1.0, log=print,
+    encoder: EvaVisionEncoder,
+    processor: LavitImageProcessor,
+    tokenizer,
+    images: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    pixel_weight: float = 1.0,
+    log=print,
 ) -> EvaVisionEncoder:
     """Train `encoder` in place on (image, caption) pairs (see `ContrastiveModel`): contrastive + word +
     `pixel_weight` × pixel loss; returns it in eval mode."""
@@ -160,9 +183,16 @@ def train_vision_encoder(
         schedule.step()
         bar.set_postfix(contrastive=f"{contrastive.item():.3f}", pixel=f"{pixel.item():.3f}", word=f"{word.item():.3f}")
         if step % 50 == 0 or step == steps - 1:
-            log({"stage": "vision-encoder", "step": step, "contrastive_loss": round(contrastive.item(), 4),
-                 "pixel_loss": round(pixel.item(), 4), "word_loss": round(word.item(), 4),
-                 "seconds": round(time.time() - start, 1)})
+            log(
+                {
+                    "stage": "vision-encoder",
+                    "step": step,
+                    "contrastive_loss": round(contrastive.item(), 4),
+                    "pixel_loss": round(pixel.item(), 4),
+                    "word_loss": round(word.item(), 4),
+                    "seconds": round(time.time() - start, 1),
+                }
+            )
     return encoder.eval()
 
 
@@ -177,12 +207,21 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     height, width = images.shape[-2:]
     tops = torch.randint(height - size + 1, (len(images),), generator=generator).tolist()
     lefts = torch.randint(width - size + 1, (len(images),), generator=generator).tolist()
-    return torch.stack([image[:, top : top + size, left : left + size] for image, top, left in zip(images, tops, lefts)])
+    return torch.stack(
+        [image[:, top : top + size, left : left + size] for image, top, left in zip(images, tops, lefts)]
+    )
 
 
 def train_vae(
-    vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int, learning_rate: float, kl_weight: float,
-    seed: int, crop_size: int = 32, log=print,
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    kl_weight: float,
+    seed: int,
+    crop_size: int = 32,
+    log=print,
 ) -> AutoencoderKL:
     """Train `vae` in place as an autoencoder on random `crop_size` crops (it is fully convolutional, so it
     learns the same on a quarter of the pixels): squared error of the posterior sample's reconstruction + `kl_weight` × KL.
@@ -209,8 +248,15 @@ def train_vae(
         schedule.step()
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if step % 50 == 0 or step == steps - 1:
-            log({"stage": "vae", "step": step, "mse": round(mse.item(), 5), "kl": round(kl.item(), 5),
-                 "seconds": round(time.time() - start, 1)})
+            log(
+                {
+                    "stage": "vae",
+                    "step": step,
+                    "mse": round(mse.item(), 5),
+                    "kl": round(kl.item(), 5),
+                    "seconds": round(time.time() - start, 1),
+                }
+            )
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(to_unit_range(chunk)).latent_dist.mode() for chunk in images[:512].split(64)])

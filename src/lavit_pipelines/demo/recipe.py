@@ -79,7 +79,11 @@ class Recipe:
         """The same recipe with `fraction` of the scenes (at least 16) and of every stage's steps (at least 1)."""
         if not 0 < fraction <= 1:
             raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
-        steps = {f.name: max(1, round(getattr(self, f.name) * fraction)) for f in dataclasses.fields(self) if f.name.endswith("_steps")}
+        steps = {
+            f.name: max(1, round(getattr(self, f.name) * fraction))
+            for f in dataclasses.fields(self)
+            if f.name.endswith("_steps")
+        }
         return dataclasses.replace(self, data_num_scenes=max(16, round(self.data_num_scenes * fraction)), **steps)
 
     def settings(self, prefix: str) -> dict:
@@ -134,27 +138,42 @@ class RecipeRun:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             autoencoder = pool.submit(in_worker, r, self.output, self.keys, "autoencoder_stage", data)
             with single_thread():
-                self.stage("vision-encoder", lambda out: self.train_vision_encoder(data, out), r.settings("vision"), ("data",))
+                self.stage(
+                    "vision-encoder", lambda out: self.train_vision_encoder(data, out), r.settings("vision"), ("data",)
+                )
             self.keys.update(autoencoder.result())
             base = self.stage("base", self.assemble_base, {"seed": r.seed}, ("autoencoder", "vision-encoder"))
             # A short run needs a fast codebook EMA and early restarts of unused codes, or the codebook collapses.
             # One thread: on two, the same run gave other weights each time (torch's CPU reductions).
             with single_thread():
                 visual_tokenizer = self.lavit_stage(
-                    "visual-tokenizer", base, data, "tokenizer", ("base", "data"), codebook_decay=0.9,
-                    dead_code_threshold=0.03, target_keep_ratio=r.tokenizer_keep_ratio,
+                    "visual-tokenizer",
+                    base,
+                    data,
+                    "tokenizer",
+                    ("base", "data"),
+                    codebook_decay=0.9,
+                    dead_code_threshold=0.03,
+                    target_keep_ratio=r.tokenizer_keep_ratio,
                 )
             decoder = pool.submit(in_worker, r, self.output, self.keys, "pixel_decoder_stage", visual_tokenizer, data)
             with single_thread():
                 # The demo's understanding head starts from the stage-1 predictor and merger (never trained).
                 language = self.lavit_stage(
-                    "language-model", visual_tokenizer, texts, "language", ("visual-tokenizer", "data-language"),
-                    init_understanding_head=True, understanding_ratio=r.language_understanding_ratio,
+                    "language-model",
+                    visual_tokenizer,
+                    texts,
+                    "language",
+                    ("visual-tokenizer", "data-language"),
+                    init_understanding_head=True,
+                    understanding_ratio=r.language_understanding_ratio,
                 )
             self.keys.update(decoder.result())
         decoder = self.output / "pixel-decoder"
         return self.stage(
-            "model", lambda out: export(language, decoder, out, r.model_guidance_scale), r.settings("model"),
+            "model",
+            lambda out: export(language, decoder, out, r.model_guidance_scale),
+            r.settings("model"),
             ("language-model", "pixel-decoder"),
         )
 
@@ -166,8 +185,15 @@ class RecipeRun:
         # The decoder and the UNet train from scratch on stage 1's codebook (init_decoder_input); the VAE's
         # latents are encoded once (cache_latents): about half of a step's time (benchmarks/decoder_training_step.py).
         return self.lavit_stage(
-            "pixel-decoder", visual_tokenizer, data, "decoder", ("visual-tokenizer",), train_unet=True, init_decoder_input=True,
-            snr_gamma=self.recipe.decoder_snr_gamma, cache_latents=True,
+            "pixel-decoder",
+            visual_tokenizer,
+            data,
+            "decoder",
+            ("visual-tokenizer",),
+            train_unet=True,
+            init_decoder_input=True,
+            snr_gamma=self.recipe.decoder_snr_gamma,
+            cache_latents=True,
         )
 
     def lavit_stage(self, stage: str, model: Path, data: Path, prefix: str, inputs: tuple[str, ...], **options) -> Path:
@@ -177,10 +203,19 @@ class RecipeRun:
         settings = self.recipe.settings(prefix)
         steps = settings[f"{prefix}_steps"]
         config = TrainingConfig(
-            stage=stage, model=str(model), data=str(data), output=str(self.output / stage), max_steps=steps,
-            batch_size=settings[f"{prefix}_batch_size"], learning_rate=settings[f"{prefix}_learning_rate"],
-            seed=self.recipe.seed, lr_scheduler="cosine", lr_warmup_steps=max(1, steps // 20), logging_steps=10,
-            checkpointing_steps=steps, **options,
+            stage=stage,
+            model=str(model),
+            data=str(data),
+            output=str(self.output / stage),
+            max_steps=steps,
+            batch_size=settings[f"{prefix}_batch_size"],
+            learning_rate=settings[f"{prefix}_learning_rate"],
+            seed=self.recipe.seed,
+            lr_scheduler="cosine",
+            lr_warmup_steps=max(1, steps // 20),
+            logging_steps=10,
+            checkpointing_steps=steps,
+            **options,
         )
         return self.stage(stage, lambda out: train(config), {**settings, **options}, inputs)
 
@@ -188,7 +223,9 @@ class RecipeRun:
         r = self.recipe
         images, _ = load_images_and_captions(data)
         vae = build_components(r.seed)["vae"]
-        train_vae(vae, images, r.vae_steps, r.vae_batch_size, r.vae_learning_rate, r.vae_kl_weight, r.seed, log=self.log)
+        train_vae(
+            vae, images, r.vae_steps, r.vae_batch_size, r.vae_learning_rate, r.vae_kl_weight, r.seed, log=self.log
+        )
         vae.save_pretrained(folder)
 
     def train_vision_encoder(self, data: Path, folder: Path) -> None:
@@ -199,8 +236,17 @@ class RecipeRun:
         visual_tokenizer = components["visual_tokenizer"]
         processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
         train_vision_encoder(
-            visual_tokenizer.encoder, processor, components["tokenizer"], images, captions, r.vision_steps,
-            r.vision_batch_size, r.vision_learning_rate, r.seed, r.vision_pixel_weight, log=self.log,
+            visual_tokenizer.encoder,
+            processor,
+            components["tokenizer"],
+            images,
+            captions,
+            r.vision_steps,
+            r.vision_batch_size,
+            r.vision_learning_rate,
+            r.seed,
+            r.vision_pixel_weight,
+            log=self.log,
         )
         visual_tokenizer.save_pretrained(folder)
 
@@ -264,14 +310,19 @@ def export(language: Path, decoder: Path, folder: Path, guidance_scale: float) -
     `guidance_scale` is its `default_guidance_scale`."""
     readers = LavitText2ImagePipeline.from_pretrained(language, dtype=torch.float32)
     writers = LavitText2ImagePipeline.from_pretrained(decoder, dtype=torch.float32)
-    components = {**writers.components, **{k: readers.components[k] for k in ("tokenizer", "language_model", "visual_tokenizer")}}
+    components = {
+        **writers.components,
+        **{k: readers.components[k] for k in ("tokenizer", "language_model", "visual_tokenizer")},
+    }
     LavitText2ImagePipeline(**components, default_guidance_scale=guidance_scale).save_pretrained(folder)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lavit_pipelines.demo.recipe", description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="folder for the stages; the model lands in OUTPUT/model")
-    parser.add_argument("--fraction", type=float, default=1.0, help="fraction of the data and steps (for a quick check)")
+    parser.add_argument(
+        "--fraction", type=float, default=1.0, help="fraction of the data and steps (for a quick check)"
+    )
     args = parser.parse_args(argv)
     print(RecipeRun(Recipe().scaled(args.fraction), args.output).run())
 

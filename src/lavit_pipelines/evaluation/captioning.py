@@ -28,7 +28,9 @@ def load_caption_items(annotations: str | Path, images: str | Path) -> list[dict
         try:
             items.append({"image_id": image_id_of(entry), "path": str(Path(images) / entry["image"])})
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{annotations}: entry {index}: no integer `image_id`, and its file name ends in no number") from error
+            raise ValueError(
+                f"{annotations}: entry {index}: no integer `image_id`, and its file name ends in no number"
+            ) from error
     runner.check_entries(items, {"image_id": int}, annotations, key="image_id")
     return items
 
@@ -68,11 +70,15 @@ def evaluate_captioning(
     (`[{"image_id", "caption"}]`) and `output/metrics.json` (pycocoevalcap's keys for `metrics`); returns the
     metrics on the main process, None on the others. The images of a batch share one generator seeded with
     `seed + the batch's first index`."""
-    runner.check_output_folder(output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images})
+    runner.check_output_folder(
+        output, {"--annotations": annotations, "--ground-truth": ground_truth, "--images": images}
+    )
     items = load_caption_items(annotations, images)[:limit]
     references = load_references(ground_truth, [item["image_id"] for item in items])
     check_caption_metrics(metrics)
-    config = runner.understanding_record("caption", model_path, images, annotations, ground_truth, seed, dtype, batch_size)
+    config = runner.understanding_record(
+        "caption", model_path, images, annotations, ground_truth, seed, dtype, batch_size
+    )
     output = runner.start_run(output, config)
     pipe = runner.load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)

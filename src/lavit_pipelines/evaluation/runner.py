@@ -30,7 +30,9 @@ def load_understanding(model_path: str | Path, device: str = "cpu", dtype: torch
     return LavitUnderstandingPipeline.from_pretrained(model_path, dtype=dtype).to(device)
 
 
-def load_text2image(model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, visual_tokenizer: bool = False):
+def load_text2image(
+    model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, visual_tokenizer: bool = False
+):
     from ..pipelines.text2image import LavitText2ImagePipeline
 
     return LavitText2ImagePipeline.from_pretrained(
@@ -43,7 +45,9 @@ def load_pipelines(model_path: str | Path, device: str = "cpu", dtype: torch.dty
     from ..pipelines.understanding import LavitUnderstandingPipeline
 
     text2image = load_text2image(model_path, device, dtype, visual_tokenizer=True)
-    understanding = LavitUnderstandingPipeline(text2image.tokenizer, text2image.language_model, text2image.visual_tokenizer)
+    understanding = LavitUnderstandingPipeline(
+        text2image.tokenizer, text2image.language_model, text2image.visual_tokenizer
+    )
     return text2image, understanding
 
 
@@ -105,8 +109,10 @@ def check_output_folder(output: str | Path, inputs: dict) -> None:
             continue
         given = Path(path).resolve()
         if given == out or given.is_relative_to(out) or (given.is_dir() and out.is_relative_to(given)):
-            raise ValueError(f"--output {str(output)!r} overlaps {name} {str(path)!r}; write the results to a folder "
-                             f"apart from the inputs")
+            raise ValueError(
+                f"--output {str(output)!r} overlaps {name} {str(path)!r}; write the results to a folder "
+                f"apart from the inputs"
+            )
 
 
 def file_digest(path: str | Path | None) -> str | None:
@@ -119,13 +125,22 @@ def folder_identity(path: str | Path | None) -> str | None:
     return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def understanding_record(task: str, model_path, images, annotations, ground_truth, seed: int, dtype, batch_size: int,
-                         **protocol) -> dict:
+def understanding_record(
+    task: str, model_path, images, annotations, ground_truth, seed: int, dtype, batch_size: int, **protocol
+) -> dict:
     """What a captioning or VQA run records for a resume: the model and images folders, the annotation files'
     hashes, seed, dtype, batch size and the task's protocol settings."""
-    return {"task": task, "model": folder_identity(model_path), "images": folder_identity(images),
-            "annotations": file_digest(annotations), "ground_truth": file_digest(ground_truth), "seed": seed,
-            "dtype": str(dtype), "batch_size": batch_size, **protocol}
+    return {
+        "task": task,
+        "model": folder_identity(model_path),
+        "images": folder_identity(images),
+        "annotations": file_digest(annotations),
+        "ground_truth": file_digest(ground_truth),
+        "seed": seed,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        **protocol,
+    }
 
 
 def check_run_config(output: Path, config: dict, write: bool = True) -> None:
@@ -138,9 +153,13 @@ def check_run_config(output: Path, config: dict, write: bool = True) -> None:
         changed = sorted(key for key in config.keys() | earlier.keys() if config.get(key) != earlier.get(key))
         if changed:
             shown = "; ".join(f"{key}: {earlier.get(key)!r} recorded, {config.get(key)!r} now" for key in changed)
-            raise ValueError(f"{output} holds results of a run with other settings ({shown}); use another output folder")
+            raise ValueError(
+                f"{output} holds results of a run with other settings ({shown}); use another output folder"
+            )
     elif any((output / PARTIAL).glob("*.jsonl")):
-        raise ValueError(f"{output / PARTIAL} holds results without a record of their settings ({RUN_CONFIG}); use another output folder")
+        raise ValueError(
+            f"{output / PARTIAL} holds results without a record of their settings ({RUN_CONFIG}); use another output folder"
+        )
     elif write:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, config)
@@ -180,7 +199,11 @@ def unique_by(items: list[dict], key: str) -> list[dict]:
 
 
 def run_sharded(
-    items: list[dict], key: str, predict: Callable[[list[dict], int], list[dict]], output: Path, batch_size: int,
+    items: list[dict],
+    key: str,
+    predict: Callable[[list[dict], int], list[dict]],
+    output: Path,
+    batch_size: int,
     stage: str = "predictions",
 ) -> list[dict] | None:
     """Run `predict(batch, start)` (`start`: the index of the batch's first item, for seeding) over the `items` with
@@ -195,7 +218,8 @@ def run_sharded(
     done = read_partial(output, key, stage)
     state.wait_for_everyone()  # every process has read the same partial files before any writes
     batches = [
-        (start, items[start : start + batch_size]) for start in range(0, len(items), batch_size)
+        (start, items[start : start + batch_size])
+        for start in range(0, len(items), batch_size)
         if any(item[key] not in done for item in items[start : start + batch_size])
     ]
     (output / PARTIAL).mkdir(parents=True, exist_ok=True)

@@ -42,11 +42,19 @@ def generation_scenes(num_prompts: int, seed: int = 0) -> list[Scene]:
     colour × position, cycled), half two-object (of every ordered shape pair × colour pair × layout), alternating."""
     rng = random.Random(f"shapes-prompts-{seed}")
     singles = list(itertools.product(SHAPES, COLORS, POSITIONS))
-    pairs = [(s, c, layout) for s in itertools.permutations(SHAPES, 2) for c in itertools.product(COLORS, repeat=2) for layout in LAYOUTS]
+    pairs = [
+        (s, c, layout)
+        for s in itertools.permutations(SHAPES, 2)
+        for c in itertools.product(COLORS, repeat=2)
+        for layout in LAYOUTS
+    ]
     rng.shuffle(singles)
     rng.shuffle(pairs)
     num_pairs = num_prompts // 2
-    ones = [single_scene(rng, *attributes) for attributes in itertools.islice(itertools.cycle(singles), num_prompts - num_pairs)]
+    ones = [
+        single_scene(rng, *attributes)
+        for attributes in itertools.islice(itertools.cycle(singles), num_prompts - num_pairs)
+    ]
     twos = [pair_scene(rng, *attributes) for attributes in itertools.islice(itertools.cycle(pairs), num_pairs)]
     return [scene for both in itertools.zip_longest(ones, twos) for scene in both if scene is not None]
 
@@ -109,33 +117,59 @@ def run_generation(pipe, scenes: list[Scene], output: Path, seed: int, batch_siz
         for item, image in zip(batch, images):
             name = f"generation/{item['index']:05d}.png"
             image.save(output / name)
-            records.append({"index": item["index"], "prompt": item["scene"].caption, "image": name,
-                            "correct": judge_generation(item["scene"], image)})
+            records.append(
+                {
+                    "index": item["index"],
+                    "prompt": item["scene"].caption,
+                    "image": name,
+                    "correct": judge_generation(item["scene"], image),
+                }
+            )
         return records
 
     items = [{"index": i, "scene": scene} for i, scene in enumerate(scenes)]
     return run_sharded(items, "index", predict, output, batch_size, stage="generation")
 
 
-def run_captions(pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int) -> list[dict] | None:
+def run_captions(
+    pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int
+) -> list[dict] | None:
     def predict(batch: list[dict], start: int) -> list[dict]:
-        captions = pipe.caption([images[item["index"]] for item in batch], generator=torch.Generator().manual_seed(seed + start))
+        captions = pipe.caption(
+            [images[item["index"]] for item in batch], generator=torch.Generator().manual_seed(seed + start)
+        )
         return [
-            {"index": item["index"], "reference": scenes[item["index"]].caption, "caption": caption,
-             "correct": judge_caption(scenes[item["index"]], caption)}
+            {
+                "index": item["index"],
+                "reference": scenes[item["index"]].caption,
+                "caption": caption,
+                "correct": judge_caption(scenes[item["index"]], caption),
+            }
             for item, caption in zip(batch, captions)
         ]
 
-    return run_sharded([{"index": i} for i in range(len(scenes))], "index", predict, output, batch_size, stage="caption")
+    return run_sharded(
+        [{"index": i} for i in range(len(scenes))], "index", predict, output, batch_size, stage="caption"
+    )
 
 
-def run_questions(pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int) -> list[dict] | None:
+def run_questions(
+    pipe, scenes: list[Scene], images: list, output: Path, seed: int, batch_size: int
+) -> list[dict] | None:
     def predict(batch: list[dict], start: int) -> list[dict]:
-        answers = pipe.answer([images[item["scene"]] for item in batch], [item["question"] for item in batch],
-                              generator=torch.Generator().manual_seed(seed + start))
+        answers = pipe.answer(
+            [images[item["scene"]] for item in batch],
+            [item["question"] for item in batch],
+            generator=torch.Generator().manual_seed(seed + start),
+        )
         answers = [answer.strip().lower() for answer in answers]
         return [
-            {**item, "answer": answer, "category": question_category(item["question"]), "correct": answer == item["expected"]}
+            {
+                **item,
+                "answer": answer,
+                "category": question_category(item["question"]),
+                "correct": answer == item["expected"],
+            }
             for item, answer in zip(batch, answers)
         ]
 
@@ -169,8 +203,16 @@ def evaluate_shapes(
     if num_prompts < 1 or num_scenes < 1:
         raise ValueError(f"`num_prompts` and `num_scenes` must be positive, got {num_prompts} and {num_scenes}.")
     kwargs = generation_kwargs or {}
-    config = {"task": "shapes", "model": folder_identity(model_path), "num_prompts": num_prompts,
-              "num_scenes": num_scenes, "seed": seed, "dtype": str(dtype), "batch_size": batch_size, **kwargs}
+    config = {
+        "task": "shapes",
+        "model": folder_identity(model_path),
+        "num_prompts": num_prompts,
+        "num_scenes": num_scenes,
+        "seed": seed,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        **kwargs,
+    }
     output = start_run(output, config)
     text2image, understanding = load_pipelines(model_path, device, dtype)
     for pipe in (text2image, understanding):
@@ -194,7 +236,9 @@ def evaluate_shapes(
         **accuracies([j for j in judged if "position" not in j], "generation/two"),
         **accuracies([r["correct"] for r in captions], "caption"),
         **accuracies([{r["category"]: r["correct"], "all": r["correct"]} for r in answers], "vqa"),
-        "num_prompts": num_prompts, "num_scenes": num_scenes, "num_questions": len(answers),
+        "num_prompts": num_prompts,
+        "num_scenes": num_scenes,
+        "num_questions": len(answers),
     }
     write_json(output / "predictions.json", {"generation": generation, "caption": captions, "vqa": answers})
     write_json(output / "metrics.json", metrics)

@@ -27,8 +27,14 @@ from .runner import (
 )
 
 PROTOCOL = {
-    "num_inference_steps": 50, "guidance_scale": 1.5, "llm_guidance_scale": 1.5, "top_k": 300, "top_p": 1.0,
-    "temperature": 1.0, "min_new_tokens": 20, "max_new_tokens": 200,
+    "num_inference_steps": 50,
+    "guidance_scale": 1.5,
+    "llm_guidance_scale": 1.5,
+    "top_k": 300,
+    "top_p": 1.0,
+    "temperature": 1.0,
+    "min_new_tokens": 20,
+    "max_new_tokens": 200,
 }
 NUM_IMAGES = 4
 FID_RESOLUTION = 512
@@ -54,7 +60,10 @@ class ClipRanker:
 
     def pixel_values(self, images: list[PIL.Image.Image]) -> torch.Tensor:
         """(B, 3, size, size) normalised pixels."""
-        arrays = [np.asarray(i.convert("RGB").resize((self.size, self.size), PIL.Image.BICUBIC), np.float32) / 255 for i in images]
+        arrays = [
+            np.asarray(i.convert("RGB").resize((self.size, self.size), PIL.Image.BICUBIC), np.float32) / 255
+            for i in images
+        ]
         return torch.from_numpy((np.stack(arrays) - self.mean) / self.std).permute(0, 3, 1, 2)
 
     @torch.no_grad()
@@ -74,15 +83,20 @@ def load_t2i_items(annotations: str | Path, images: str | Path | None, need_imag
     check_entries(entries, {}, annotations)
     for index, entry in enumerate(entries):
         if not isinstance(entry.get("caption", entry.get("text")), str):
-            raise ValueError(f"{annotations}: entry {index}: 'caption' (or 'text') must be a str, got "  # noqa: TRY004 - file content
-                             f"{json.dumps(entry.get('caption', entry.get('text')))[:80]}")
+            raise ValueError(
+                f"{annotations}: entry {index}: 'caption' (or 'text') must be a str, got "  # noqa: TRY004 - file content
+                f"{json.dumps(entry.get('caption', entry.get('text')))[:80]}"
+            )
     if need_images:
         if images is None:
             raise ValueError("FID needs the real images: pass --images (the folder of the annotations' 'image' paths)")
         check_entries(entries, {"image": str}, annotations, Path(images))
     return [
-        {"index": index, "caption": entry.get("caption", entry.get("text")),
-         "path": str(Path(images) / entry["image"]) if need_images else None}
+        {
+            "index": index,
+            "caption": entry.get("caption", entry.get("text")),
+            "path": str(Path(images) / entry["image"]) if need_images else None,
+        }
         for index, entry in enumerate(entries)
     ]
 
@@ -122,8 +136,15 @@ def evaluate_text_to_image(
     `output/metrics.json` (`fid` when `fid_feature` is given: a feature module or the Inception weights file;
     `clip_score`, 100·max(cos, 0) averaged, when `clip` is given). Image j of caption i is seeded with
     `seed + i * num_images + j`. `generation_kwargs` override `PROTOCOL`. Returns the metrics on the main process."""
-    check_output_folder(output, {"--annotations": annotations, "--images": images, "--clip": clip,
-                                 "--inception-weights": fid_feature if isinstance(fid_feature, (str, Path)) else None})
+    check_output_folder(
+        output,
+        {
+            "--annotations": annotations,
+            "--images": images,
+            "--clip": clip,
+            "--inception-weights": fid_feature if isinstance(fid_feature, (str, Path)) else None,
+        },
+    )
     if num_images > 1 and clip is None:
         raise ValueError(f"choosing the best of {num_images} images needs a CLIP folder (--clip), or num_images=1")
     kwargs = {**PROTOCOL, **(generation_kwargs or {})}
@@ -131,17 +152,31 @@ def evaluate_text_to_image(
     items = load_t2i_items(annotations, images, need_images=fid_feature is not None)[:limit]
     fid = fid_metric(fid_feature).to(device) if fid_feature is not None else None
     ranker = ClipRanker(clip, device) if clip is not None else None
-    config = {"task": "t2i", "model": folder_identity(model_path), "annotations": file_digest(annotations),
-              "clip": folder_identity(clip), "num_images": num_images, "seed": seed, "dtype": str(dtype),
-              "batch_size": batch_size, **kwargs}
+    config = {
+        "task": "t2i",
+        "model": folder_identity(model_path),
+        "annotations": file_digest(annotations),
+        "clip": folder_identity(clip),
+        "num_images": num_images,
+        "seed": seed,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        **kwargs,
+    }
     output = start_run(output, config)
     (output / "images").mkdir(exist_ok=True)
     pipe = load_text2image(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)
 
     def predict(batch: list[dict], start: int) -> list[dict]:
-        generators = [torch.Generator().manual_seed(seed + item["index"] * num_images + j) for item in batch for j in range(num_images)]
-        generated = pipe([item["caption"] for item in batch], num_images_per_prompt=num_images, generator=generators, **kwargs).images
+        generators = [
+            torch.Generator().manual_seed(seed + item["index"] * num_images + j)
+            for item in batch
+            for j in range(num_images)
+        ]
+        generated = pipe(
+            [item["caption"] for item in batch], num_images_per_prompt=num_images, generator=generators, **kwargs
+        ).images
         records = []
         for k, item in enumerate(batch):
             candidates = generated[k * num_images : (k + 1) * num_images]
@@ -150,7 +185,9 @@ def evaluate_text_to_image(
             name = f"images/{item['index']:05d}.png"
             candidates[best].save(output / name)
             clip_score = 100 * max(float(scores[best]), 0.0) if ranker is not None else None
-            records.append({"index": item["index"], "caption": item["caption"], "image": name, "clip_score": clip_score})
+            records.append(
+                {"index": item["index"], "caption": item["caption"], "image": name, "clip_score": clip_score}
+            )
         return records
 
     records = run_sharded(items, "index", predict, output, batch_size)

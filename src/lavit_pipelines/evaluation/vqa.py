@@ -43,8 +43,12 @@ def _official_items(questions: dict, questions_path, ground_truth) -> list[dict]
     annotations = read_json(ground_truth, "--ground-truth")
     if not isinstance(annotations, dict) or "annotations" not in annotations:
         raise ValueError(f"{ground_truth}: expected an official VQA annotation file with an 'annotations' list")
-    check_entries(questions["questions"], {"question_id": int, "image_id": int, "question": str}, questions_path,
-                  key="question_id")
+    check_entries(
+        questions["questions"],
+        {"question_id": int, "image_id": int, "question": str},
+        questions_path,
+        key="question_id",
+    )
     check_entries(annotations["annotations"], {"question_id": int, "answers": list}, ground_truth, key="question_id")
     by_id = {entry["question_id"]: entry for entry in annotations["annotations"]}
     subtype = questions.get("data_subtype", "val2014")
@@ -53,10 +57,14 @@ def _official_items(questions: dict, questions_path, ground_truth) -> list[dict]
         if entry["question_id"] not in by_id:
             raise ValueError(f"{ground_truth} has no answers for question id {entry['question_id']}")
         annotation = by_id[entry["question_id"]]
-        entries.append({
-            **entry, "image": f"COCO_{subtype}_{entry['image_id']:012d}.jpg",
-            "answer": [a["answer"] for a in annotation["answers"]], "answer_type": annotation.get("answer_type"),
-        })
+        entries.append(
+            {
+                **entry,
+                "image": f"COCO_{subtype}_{entry['image_id']:012d}.jpg",
+                "answer": [a["answer"] for a in annotation["answers"]],
+                "answer_type": annotation.get("answer_type"),
+            }
+        )
     return entries
 
 
@@ -64,15 +72,23 @@ def _vizwiz_items(entries: list, path) -> list[dict]:
     """VizWiz's own format `[{"image", "question", "answers": [{"answer", ...}], "answer_type"}]`: question ids
     are the entry indices."""
     check_entries(entries, {"image": str, "question": str, "answers": list}, path)
-    return [{**e, "question_id": e.get("question_id", i), "answer": [a["answer"] for a in e["answers"]]} for i, e in enumerate(entries)]
+    return [
+        {**e, "question_id": e.get("question_id", i), "answer": [a["answer"] for a in e["answers"]]}
+        for i, e in enumerate(entries)
+    ]
 
 
 def _gqa_items(questions: dict) -> list[dict]:
     """GQA's own format `{question_id: {"imageId", "question", "answer"}}`; images are `{imageId}.jpg`."""
-    return [{"question_id": qid, "image": f"{q['imageId']}.jpg", "question": q["question"], "answer": q["answer"]} for qid, q in questions.items()]
+    return [
+        {"question_id": qid, "image": f"{q['imageId']}.jpg", "question": q["question"], "answer": q["answer"]}
+        for qid, q in questions.items()
+    ]
 
 
-def load_vqa_items(annotations: str | Path, images: str | Path, dataset: str, ground_truth: str | Path | None = None) -> list[dict]:
+def load_vqa_items(
+    annotations: str | Path, images: str | Path, dataset: str, ground_truth: str | Path | None = None
+) -> list[dict]:
     """`[{"question_id", "path", "question" (cleaned), "answer" (list of strings; GQA: one string), "answer_type"}]`
     from LAVIS-format annotations `[{"question_id", "image", "question", "answer"}]`, the official VQA pair
     (VQAv2, OK-VQA), VizWiz's or GQA's own files; every image checked."""
@@ -84,21 +100,39 @@ def load_vqa_items(annotations: str | Path, images: str | Path, dataset: str, gr
         entries = _official_items(data, annotations, ground_truth)
     elif isinstance(data, dict) and all(isinstance(q, dict) and "imageId" in q for q in data.values()):
         entries = _gqa_items(data)
-    elif isinstance(data, list) and data and isinstance(data[0], dict) and "answer" not in data[0] and "answers" in data[0]:
+    elif (
+        isinstance(data, list)
+        and data
+        and isinstance(data[0], dict)
+        and "answer" not in data[0]
+        and "answers" in data[0]
+    ):
         entries = _vizwiz_items(data, annotations)
     else:
         entries = data
-    check_entries(entries, {"question_id": (int, str), "image": str, "question": str, "answer": (list, str)}, annotations,
-                  images, key="question_id")
+    check_entries(
+        entries,
+        {"question_id": (int, str), "image": str, "question": str, "answer": (list, str)},
+        annotations,
+        images,
+        key="question_id",
+    )
     expected = str if dataset == "gqa" else list
     for index, entry in enumerate(entries):
         answers = [entry["answer"]] if isinstance(entry["answer"], str) else entry["answer"]
         if not isinstance(entry["answer"], expected) or not all(isinstance(answer, str) for answer in answers):
-            raise ValueError(f"{annotations}: entry {index} (question_id {entry['question_id']!r}): 'answer' must be a "
-                             f"{'str' if expected is str else 'list of str'} for {dataset}")
+            raise ValueError(
+                f"{annotations}: entry {index} (question_id {entry['question_id']!r}): 'answer' must be a "
+                f"{'str' if expected is str else 'list of str'} for {dataset}"
+            )
     return [
-        {"question_id": e["question_id"], "path": str(images / e["image"]), "question": clean_question(e["question"]),
-         "answer": e["answer"], "answer_type": e.get("answer_type")}
+        {
+            "question_id": e["question_id"],
+            "path": str(images / e["image"]),
+            "question": clean_question(e["question"]),
+            "answer": e["answer"],
+            "answer_type": e.get("answer_type"),
+        }
         for e in entries
     ]
 
@@ -108,7 +142,9 @@ def answer_batch(pipe, batch: list[dict], generator: torch.Generator, lemmatize:
     contains "no"."""
     paths, questions = [item["path"] for item in batch], [item["question"] for item in batch]
     if vizwiz:
-        judgements = pipe.answer(paths, [VIZWIZ_JUDGE_PROMPT.format(q) for q in questions], lemmatize=lemmatize, generator=generator)
+        judgements = pipe.answer(
+            paths, [VIZWIZ_JUDGE_PROMPT.format(q) for q in questions], lemmatize=lemmatize, generator=generator
+        )
     answers = pipe.answer(paths, questions, lemmatize=lemmatize, generator=generator)
     if vizwiz:
         answers = ["unanswerable" if "no" in judgement.lower() else a for a, judgement in zip(answers, judgements)]
@@ -118,6 +154,7 @@ def answer_batch(pipe, batch: list[dict], generator: torch.Generator, lemmatize:
 def vqa_metrics(items: list[dict], answers: dict, dataset: str, lemmatizer=None) -> dict[str, float]:
     """`accuracy` in percent (and `accuracy/<answer type>` where known). With a `lemmatizer`, the ground-truth
     answers are lemmatised like the predictions (the original scores against lemmatised annotation files)."""
+
     def truth(item):
         if lemmatizer is None:
             return item["answer"]
@@ -161,8 +198,18 @@ def evaluate_vqa(
         lemmatizer = load_lemmatizer() if lemmatize else None
     except (ImportError, ValueError) as error:
         raise type(error)(f"{error} (or skip it, a deviation from the original: --no-lemmatize)") from error
-    config = understanding_record("vqa", model_path, images, annotations, ground_truth, seed, dtype, batch_size,
-                                  dataset=dataset, lemmatize=lemmatize)
+    config = understanding_record(
+        "vqa",
+        model_path,
+        images,
+        annotations,
+        ground_truth,
+        seed,
+        dtype,
+        batch_size,
+        dataset=dataset,
+        lemmatize=lemmatize,
+    )
     output = start_run(output, config)
     pipe = load_understanding(model_path, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -175,7 +222,10 @@ def evaluate_vqa(
     if records is None:
         return None
     write_json(output / "predictions.json", records)
-    metrics = {**vqa_metrics(items, {r["question_id"]: r["answer"] for r in records}, dataset, lemmatizer),
-               "lemmatized": lemmatize, "num_questions": len(records)}
+    metrics = {
+        **vqa_metrics(items, {r["question_id"]: r["answer"] for r in records}, dataset, lemmatizer),
+        "lemmatized": lemmatize,
+        "num_questions": len(records),
+    }
     write_json(output / "metrics.json", metrics)
     return metrics

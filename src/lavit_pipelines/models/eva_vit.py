@@ -38,7 +38,9 @@ class EvaBlock(nn.Module):
 class EvaVisionEncoder(nn.Module):
     """Patch embedding, class token, absolute positions and `num_layers` EVA blocks."""
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, num_layers: int, num_heads: int, mlp_dim: int, eps: float):
+    def __init__(
+        self, image_size: int, patch_size: int, dim: int, num_layers: int, num_heads: int, mlp_dim: int, eps: float
+    ):
         super().__init__()
         num_patches = (image_size // patch_size) ** 2
         self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)

@@ -97,7 +97,9 @@ class LavitForCausalLM(LlamaForCausalLM):
         config = self.config
         start = min(config.image_start_token_id, config.image_end_token_id, config.visual_token_offset)
         stop = max(
-            config.image_start_token_id + 1, config.image_end_token_id + 1, config.visual_token_offset + config.visual_vocab_size
+            config.image_start_token_id + 1,
+            config.image_end_token_id + 1,
+            config.visual_token_offset + config.visual_vocab_size,
         )
         return range(start, stop)
 
@@ -136,7 +138,11 @@ class LavitForCausalLM(LlamaForCausalLM):
         """
         config = self.config
         return visual_sampling.sample_visual_tokens(
-            self, prompts, unconditional_prompt=[config.image_start_token_id],
+            self,
+            prompts,
+            unconditional_prompt=[config.image_start_token_id],
             suppress_ids=[*range(3, config.text_vocab_size), *self.added_token_id_range],
-            eos_token_id=config.image_end_token_id, pad_token_id=pad_token_id, **sampling,
+            eos_token_id=config.image_end_token_id,
+            pad_token_id=pad_token_id,
+            **sampling,
         )

@@ -112,7 +112,9 @@ class LavitPixelDecoder(ModelMixin, ConfigMixin):
         self.query_embedding = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
         self.blocks = nn.ModuleList(SelfCrossBlock(hidden_size, heads, mlp_dim, norm_eps) for _ in range(num_layers))
         self.output_norm = FP32LayerNorm(hidden_size, eps=norm_eps)
-        self.output_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, output_dim))
+        self.output_proj = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, output_dim)
+        )
         self.prompt_projections = nn.ModuleList(nn.Linear(output_dim, dim) for dim in prompt_embed_dims)
         if variant == "highres":
             self.pooler = AttentionPooler(num_queries, output_dim, heads, pooled_embed_dim)

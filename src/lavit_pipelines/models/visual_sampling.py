@@ -34,8 +34,9 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, Sta
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
-STATIC_CACHE_ROUNDING = 64  # static cache lengths are rounded up to this, so nearby prompt lengths share a compiled step
-
+STATIC_CACHE_ROUNDING = (
+    64  # static cache lengths are rounded up to this, so nearby prompt lengths share a compiled step
+)
 
 
 class StaticDecodingState:
@@ -78,7 +79,9 @@ def logits_warpers(*, do_sample: bool, temperature: float, top_k: int, top_p: fl
     return warpers
 
 
-def suppression_masks(vocab_size: int, suppress_ids: range, eos_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def suppression_masks(
+    vocab_size: int, suppress_ids: range, eos_token_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (V,) masks of the ids set to -inf: before `min_new_tokens` (suppressed ids and eos) and after
     (suppressed ids). Built once, instead of transformers' per-step `isin` over the whole vocabulary; the masked
     scores are the same values as `MinNewTokensLengthLogitsProcessor` + `SuppressTokensLogitsProcessor` give."""
@@ -106,7 +109,9 @@ def pick_tokens(scores: torch.Tensor, do_sample: bool, generator) -> torch.Tenso
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)
     if isinstance(generator, list):
-        return torch.cat([torch.multinomial(p[None].to(g.device), 1, generator=g).to(p.device)[0] for p, g in zip(probs, generator)])
+        return torch.cat(
+            [torch.multinomial(p[None].to(g.device), 1, generator=g).to(p.device)[0] for p, g in zip(probs, generator)]
+        )
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)[:, 0]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -170,8 +175,12 @@ def can_slice_head(model) -> bool:
     weights inside theirs; a caller's forward hooks expect the module's own forward to run)."""
     head = getattr(model, "lm_head", None)
     return (
-        isinstance(model, PreTrainedModel) and model.base_model is not model and type(head) is torch.nn.Linear
-        and head.bias is None and head.weight.is_floating_point() and head.weight.device.type != "meta"
+        isinstance(model, PreTrainedModel)
+        and model.base_model is not model
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and head.weight.is_floating_point()
+        and head.weight.device.type != "meta"
         and not any(has_hooks(module) for module in (model, head))
     )
 
@@ -260,7 +269,9 @@ def sample_visual_tokens(
     Returns (B, T) generated ids, rows that finished early padded with `pad_token_id`.
     """
     if cache_implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"`cache_implementation` must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}.")
+        raise ValueError(
+            f"`cache_implementation` must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}."
+        )
     if compile and cache_implementation != "static":
         raise ValueError('`compile=True` needs `cache_implementation="static"` (fixed shapes per step).')
     batch = len(prompts)
@@ -299,7 +310,9 @@ def sample_visual_tokens(
     produced, reported = max_new_tokens, 0
     for step in range(max_new_tokens):
         forward = _last_logits if step == 0 else step_fn  # the prefill is never compiled
-        scores = guided_scores(forward(model, ids, mask, positions, cache, id_runs)[:, :sampled].float(), guidance_scale)
+        scores = guided_scores(
+            forward(model, ids, mask, positions, cache, id_runs)[:, :sampled].float(), guidance_scale
+        )
         scores = scores.masked_fill(early_mask if step < min_new_tokens else late_mask, -float("inf"))
         scores = warpers(generated[:, :step], scores)
         next_ids = torch.where(unfinished, pick_tokens(scores, do_sample, generator), pad_token_id)

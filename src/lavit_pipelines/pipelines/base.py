@@ -71,15 +71,20 @@ def read_model_index(folder: Path) -> dict:
     if not isinstance(index, dict):
         raise ValueError(f"{path} must hold a JSON object of components, got a {type(index).__name__}.")
     if not isinstance(index.get("_class_name"), str):
-        raise ValueError(f"{path}: `_class_name` must be the name of a pipeline class, got {index.get('_class_name')!r}.")
+        raise ValueError(
+            f"{path}: `_class_name` must be the name of a pipeline class, got {index.get('_class_name')!r}."
+        )
     return index
 
 
 def component_entries(index: dict) -> dict:
     """The component entries of a `model_index.json` dict: without the `_` metadata and the pipelines' settings
     (numbers and booleans, such as `default_guidance_scale`)."""
-    return {name: entry for name, entry in index.items()
-            if not name.startswith("_") and not isinstance(entry, (bool, int, float))}
+    return {
+        name: entry
+        for name, entry in index.items()
+        if not name.startswith("_") and not isinstance(entry, (bool, int, float))
+    }
 
 
 def _library(library_name: str):
@@ -90,7 +95,9 @@ def _library(library_name: str):
     if library_name == PACKAGE or library_name.startswith(PACKAGE + "."):
         return sys.modules.get(library_name)
     if library_name.isidentifier() and library_name in diffusers.pipelines._import_structure:
-        module = getattr(diffusers.pipelines, library_name, None)  # a diffusers pipeline module, e.g. "stable_diffusion"
+        module = getattr(
+            diffusers.pipelines, library_name, None
+        )  # a diffusers pipeline module, e.g. "stable_diffusion"
         return module if inspect.ismodule(module) and module.__name__.startswith("diffusers.") else None
     return None
 
@@ -113,7 +120,9 @@ def resolve_component_class(name: str, entry, index_path: Path, declared) -> typ
         raise ValueError(f"{index_path}: the entry of `{name}` must be [library, class name], got {entry!r}.")
     library_name, class_name = entry
     if (index_path.parent / name / f"{library_name}.py").exists():
-        raise ValueError(f"{index_path}: the component `{name}` ships code ({library_name}.py); nothing is executed from a model folder.")
+        raise ValueError(
+            f"{index_path}: the component `{name}` ships code ({library_name}.py); nothing is executed from a model folder."
+        )
     library = _library(library_name)
     if library is None:
         raise ValueError(
@@ -122,7 +131,9 @@ def resolve_component_class(name: str, entry, index_path: Path, declared) -> typ
         )
     cls = getattr(library, class_name, None)
     if not inspect.isclass(cls) or cls.__module__.split(".")[0] not in (PACKAGE, *IMPORTABLE_LIBRARIES):
-        raise ValueError(f"{index_path}: the component `{name}` names {library_name}.{class_name}, which is not a class it provides.")
+        raise ValueError(
+            f"{index_path}: the component `{name}` names {library_name}.{class_name}, which is not a class it provides."
+        )
     classes = _declared_classes(declared)
     if classes and not issubclass(cls, classes):
         raise ValueError(
@@ -148,7 +159,9 @@ def weight_files(name: str, folder: Path, variant: str | None = None) -> list[Pa
                 try:
                     shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
                 except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                    raise ValueError(f"The component `{name}`: {index} is not a valid weight index: {error!r}.") from error
+                    raise ValueError(
+                        f"The component `{name}`: {index} is not a valid weight index: {error!r}."
+                    ) from error
                 return [folder / shard for shard in shards]
             files = [f for f in sorted(folder.glob(f"*.{suffix}")) if _is_variant(f, candidate)]
             if files:
@@ -188,10 +201,16 @@ def stored_shapes(name: str, files: list[Path]) -> dict[str, tuple | None]:
                         shapes[parts.get(key, key)] = None if key in parts else tuple(f.get_slice(key).get_shape())
             else:
                 state = load_state_dict(str(path), map_location="meta")
-                shapes.update({key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)})
+                shapes.update(
+                    {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+                )
         except Exception as error:  # noqa: BLE001 - SafetensorError, refused pickles and OS errors: name the file
-            reason = ("it holds objects other than tensors, which `torch.load(weights_only=True)` refuses; nothing "
-                      "in it was executed" if _caused_by(error, pickle.UnpicklingError) else first_line(error))
+            reason = (
+                "it holds objects other than tensors, which `torch.load(weights_only=True)` refuses; nothing "
+                "in it was executed"
+                if _caused_by(error, pickle.UnpicklingError)
+                else first_line(error)
+            )
             raise ValueError(f"The component `{name}`: {path} is not a readable weight file ({reason}).") from error
     return shapes
 
@@ -223,8 +242,10 @@ def parameter_budget(limit: int):
         if total > limit:
             raise ConfigTooLarge(f"more than {limit:,} parameters (at a {type(module).__name__})")
 
-    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(count),
-             torch.nn.modules.module.register_module_buffer_registration_hook(count)]
+    hooks = [
+        torch.nn.modules.module.register_module_parameter_registration_hook(count),
+        torch.nn.modules.module.register_module_buffer_registration_hook(count),
+    ]
     try:
         yield
     finally:
@@ -246,7 +267,9 @@ def meta_model(name: str, folder: Path, model_cls, max_elements: int | None = No
             f"than its weights hold; refused before building it."
         ) from None
     except Exception as error:  # noqa: BLE001 - a missing or malformed config: name the component
-        raise ValueError(f"The component `{name}`: could not build {model_cls.__name__} from the config in {folder}: {error}") from error
+        raise ValueError(
+            f"The component `{name}`: could not build {model_cls.__name__} from the config in {folder}: {error}"
+        ) from error
 
 
 # diffusers' `fuse_qkv_projections` adds these layers, copies of to_q/to_k/to_v (which stay and are saved too);
@@ -291,8 +314,13 @@ def check_component_weights(name: str, folder: Path, model_cls, variant: str | N
                 f"the config in {folder} expects {expected[key]}."
             )
     present = {id(state[key]) for key in stored.keys() & expected.keys()}  # a tied tensor is stored under one name
-    missing = [k for k in expected if k not in stored and id(state[k]) not in present
-               and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_missing", None))]
+    missing = [
+        k
+        for k in expected
+        if k not in stored
+        and id(state[k]) not in present
+        and not _ignored(k, getattr(model_cls, "_keys_to_ignore_on_load_missing", None))
+    ]
     ignored = (*(getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None) or ()), *FUSED_PROJECTIONS)
     unexpected = [k for k in stored if k not in expected and not _ignored(k, ignored)]
     for problem, keys in (("lack", missing), ("hold unexpected", unexpected)):
@@ -350,7 +378,9 @@ class LavitPipelineMixin:
         index_path = folder / "model_index.json"
         declared = inspect.signature(cls.__init__).parameters
         loaded = [name for name in cls.component_names() if name not in passed]
-        for name, entry in component_entries(index).items():  # passed-in and other pipelines' too: diffusers looks them up
+        for name, entry in component_entries(
+            index
+        ).items():  # passed-in and other pipelines' too: diffusers looks them up
             if name not in loaded:
                 resolve_component_class(name, entry, index_path, None)
         for name in loaded:
@@ -366,7 +396,9 @@ class LavitPipelineMixin:
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
         """Snapshot of `model_index.json` and this pipeline's component folders from the Hub."""
-        patterns = ["model_index.json"] + [f"{name}/{files}" for name in cls.component_names() for files in _COMPONENT_FILES]
+        patterns = ["model_index.json"] + [
+            f"{name}/{files}" for name in cls.component_names() for files in _COMPONENT_FILES
+        ]
         return snapshot_download(
             pretrained_model_name,
             allow_patterns=patterns,
@@ -377,8 +409,15 @@ class LavitPipelineMixin:
             revision=kwargs.get("revision"),
         )
 
-    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, create_pr: bool = False, **save_kwargs) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ) -> str:
         """`save_pretrained` into a temporary folder, add the model card, upload it to `repo_id`."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -386,7 +425,9 @@ class LavitPipelineMixin:
             self.save_pretrained(folder, **save_kwargs)
             model_card(repo_id).save(Path(folder) / "README.md")
             return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload LaVIT pipeline",
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload LaVIT pipeline",
                 create_pr=create_pr,
             )
 

@@ -22,7 +22,9 @@ LANGUAGE_MODEL = "language_model"
 
 
 # A LoRA layer's weights in diffusers' formats: `<component>.<module>.lora.down.weight` (or lora_linear_layer, lora_A).
-LORA_KEY = re.compile(r"(?P<component>[^.]+)\.(?P<module>.+?)\.(?:lora(?:_linear_layer)?\.(?P<updown>down|up)|lora_(?P<ab>[AB]))\.weight")
+LORA_KEY = re.compile(
+    r"(?P<component>[^.]+)\.(?P<module>.+?)\.(?:lora(?:_linear_layer)?\.(?P<updown>down|up)|lora_(?P<ab>[AB]))\.weight"
+)
 
 
 def check_lora_sizes(state_dict: dict, components: dict) -> None:
@@ -35,8 +37,10 @@ def check_lora_sizes(state_dict: dict, components: dict) -> None:
         try:
             layer = components[match["component"]].get_submodule(match["module"])
         except AttributeError:
-            raise ValueError(f"`lora`: {key} adapts `{match['component']}.{match['module']}`, which this model does not "
-                             f"have: the adapter is for another model.") from None
+            raise ValueError(
+                f"`lora`: {key} adapts `{match['component']}.{match['module']}`, which this model does not "
+                f"have: the adapter is for another model."
+            ) from None
         weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
         if weight is None:
             continue
@@ -68,40 +72,63 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
                 raise FileNotFoundError(f"`lora`: no such file or folder {source!r}.")
         try:
             state_dict, network_alphas, metadata = cls.lora_state_dict(
-                source, unet_config=unet_config, return_lora_metadata=True, **kwargs)
+                source, unet_config=unet_config, return_lora_metadata=True, **kwargs
+            )
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"`lora`: {source!r} is not a LoRA file diffusers reads ({first_line(error)}).") from None
         named = f"`lora` ({source!r})" if isinstance(source, str) else "`lora`"
         not_lora = [key for key in state_dict if "lora" not in key]
         if not state_dict or not_lora:
-            raise ValueError(f"{named} is not a LoRA: every parameter name must contain 'lora', got "
-                             f"{not_lora[0] if not_lora else 'no parameters'!r}.")
+            raise ValueError(
+                f"{named} is not a LoRA: every parameter name must contain 'lora', got "
+                f"{not_lora[0] if not_lora else 'no parameters'!r}."
+            )
         prefixes = {key.split(".")[0] for key in state_dict}
         if not prefixes <= set(LavitLoraLoaderMixin._lora_loadable_modules):
-            raise ValueError(f"{named} holds weights for {sorted(prefixes)}; LaVIT adapters are for `unet` and `language_model`.")
+            raise ValueError(
+                f"{named} holds weights for {sorted(prefixes)}; LaVIT adapters are for `unet` and `language_model`."
+            )
         if not prefixes & set(cls._lora_loadable_modules):
-            raise ValueError(f"{named} holds weights for {sorted(prefixes)} only; {cls.__name__} loads {cls._lora_loadable_modules}.")
+            raise ValueError(
+                f"{named} holds weights for {sorted(prefixes)} only; {cls.__name__} loads {cls._lora_loadable_modules}."
+            )
         return state_dict, network_alphas, metadata
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
-                          adapter_name: str | None = None, **kwargs):
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, adapter_name: str | None = None, **kwargs
+    ):
         """Load a LoRA file (folder, Hub id, file name via `weight_name=`, or state dict) into the components it
         has weights for; `adapter_name` names it for `set_adapters`. Checked first (`checked_lora_state_dict`,
         then every adapted layer's sizes against this pipeline's models): nothing changes when it does not fit."""
         unet = getattr(self, "unet", None)
         state_dict, network_alphas, metadata = self.checked_lora_state_dict(
-            pretrained_model_name_or_path_or_dict, unet_config=unet.config if unet is not None else None, **kwargs)
+            pretrained_model_name_or_path_or_dict, unet_config=unet.config if unet is not None else None, **kwargs
+        )
         prefixes = {key.split(".")[0] for key in state_dict}
         for ignored in sorted(prefixes - set(self._lora_loadable_modules)):
             logger.warning(f"{type(self).__name__} has no `{ignored}`: the LoRA's `{ignored}` weights are not loaded.")
-        check_lora_sizes(state_dict, {name: getattr(self, name) for name in prefixes & set(self._lora_loadable_modules)})
+        check_lora_sizes(
+            state_dict, {name: getattr(self, name) for name in prefixes & set(self._lora_loadable_modules)}
+        )
         if "unet" in prefixes:
-            self.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=unet, adapter_name=adapter_name,
-                                     metadata=metadata, _pipeline=self)
+            self.load_lora_into_unet(
+                state_dict,
+                network_alphas=network_alphas,
+                unet=unet,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+            )
         if LANGUAGE_MODEL in prefixes:
             self.load_lora_into_text_encoder(
-                state_dict, network_alphas=network_alphas, text_encoder=self.language_model, prefix=LANGUAGE_MODEL,
-                lora_scale=self.lora_scale, adapter_name=adapter_name, metadata=metadata, _pipeline=self,
+                state_dict,
+                network_alphas=network_alphas,
+                text_encoder=self.language_model,
+                prefix=LANGUAGE_MODEL,
+                lora_scale=self.lora_scale,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
             )
 
     def unload_lora_weights(self):
@@ -109,15 +136,29 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
         (as `unfuse_lora` restores them, up to floating-point rounding) instead of keeping the adapter merged."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        fused = [name for name in self._lora_loadable_modules if getattr(self, name, None) is not None
-                 and any(isinstance(layer, BaseTunerLayer) and layer.merged for layer in getattr(self, name).modules())]
+        fused = [
+            name
+            for name in self._lora_loadable_modules
+            if getattr(self, name, None) is not None
+            and any(isinstance(layer, BaseTunerLayer) and layer.merged for layer in getattr(self, name).modules())
+        ]
         if fused:
             self.unfuse_lora(components=fused)
         super().unload_lora_weights()
 
     @classmethod
-    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=LANGUAGE_MODEL, lora_scale=1.0,
-                                    adapter_name=None, _pipeline=None, metadata=None, **kwargs):
+    def load_lora_into_text_encoder(
+        cls,
+        state_dict,
+        network_alphas,
+        text_encoder,
+        prefix=LANGUAGE_MODEL,
+        lora_scale=1.0,
+        adapter_name=None,
+        _pipeline=None,
+        metadata=None,
+        **kwargs,
+    ):
         """Inject the `prefix.*` LoRA layers of `state_dict` into the language model with peft and load them
         (`inject_adapter_in_model` + `set_peft_model_state_dict`). diffusers' text-encoder path goes through
         transformers' adapter API, which needs a newer peft than LaVIT requires; this keeps to peft itself."""
@@ -127,11 +168,15 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
 
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if metadata is not None:
-            metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")} or None
+            metadata = {
+                k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")
+            } or None
         state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
         ranks = {key: value.shape[1] for key, value in state_dict.items() if "lora_B" in key}
         if network_alphas:
-            network_alphas = {k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items() if k.startswith(f"{prefix}.")}
+            network_alphas = {
+                k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items() if k.startswith(f"{prefix}.")
+            }
         config = _create_lora_config(state_dict, network_alphas, metadata, ranks, is_unet=False)
         adapter_name = adapter_name or get_adapter_name(text_encoder)
         model_offload, sequential_offload, _ = cls._optionally_disable_offloading(_pipeline)
@@ -145,11 +190,15 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
             _pipeline.enable_sequential_cpu_offload()
 
     @classmethod
-    def save_lora_weights(cls, save_directory: str | os.PathLike,
-                          unet_lora_layers: dict[str, torch.Tensor] | None = None,
-                          language_model_lora_layers: dict[str, torch.Tensor] | None = None,
-                          unet_lora_adapter_metadata: dict | None = None,
-                          language_model_lora_adapter_metadata: dict | None = None, **kwargs):
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: dict[str, torch.Tensor] | None = None,
+        language_model_lora_layers: dict[str, torch.Tensor] | None = None,
+        unet_lora_adapter_metadata: dict | None = None,
+        language_model_lora_adapter_metadata: dict | None = None,
+        **kwargs,
+    ):
         """Write `pytorch_lora_weights.safetensors` with the `unet.*` and `language_model.*` LoRA layers and their
         peft configs (metadata)."""
         layers = {"unet": unet_lora_layers, LANGUAGE_MODEL: language_model_lora_layers}
@@ -157,15 +206,26 @@ class LavitLoraLoaderMixin(StableDiffusionXLLoraLoaderMixin):
         layers = {name: value for name, value in layers.items() if value}
         if not layers:
             raise ValueError("Pass `unet_lora_layers` and/or `language_model_lora_layers`.")
-        cls._save_lora_weights(save_directory=save_directory, lora_layers=layers,
-                               lora_metadata={name: metadata[name] for name in layers}, **kwargs)
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=layers,
+            lora_metadata={name: metadata[name] for name in layers},
+            **kwargs,
+        )
 
-    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
-                  adapter_names: list[str] | None = None, **kwargs):
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
         """Merge the active adapters into the weights of `components` (default: every LoRA-loadable one)."""
         components = components or [name for name in self._lora_loadable_modules if getattr(self, name, None)]
-        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
-                          adapter_names=adapter_names, **kwargs)
+        super().fuse_lora(
+            components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
+        )
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         """Undo `fuse_lora` on `components` (default: every LoRA-loadable one)."""

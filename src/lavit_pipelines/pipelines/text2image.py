@@ -42,7 +42,12 @@ NO_VISUAL_TOKENIZER = (
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # LaVIT's default decoder sizes (height, width) per aspect ratio.
 ASPECT_RATIO_SIZES = {
-    "1:1": (1024, 1024), "4:3": (896, 1152), "3:2": (832, 1216), "16:9": (768, 1344), "2:3": (1216, 832), "3:4": (1152, 896)
+    "1:1": (1024, 1024),
+    "4:3": (896, 1152),
+    "3:2": (832, 1216),
+    "16:9": (768, 1344),
+    "2:3": (1216, 832),
+    "3:4": (1152, 896),
 }
 
 EXAMPLE_DOC_STRING = """
@@ -102,7 +107,9 @@ def check_generated_codes(prompts: list[str], codes: list[torch.Tensor], num_ima
 LAVIT_GUIDANCE_SCALE = 7.0  # the original's decoder guidance: the default of folders that set none
 
 
-class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline, StableDiffusionMixin):
+class LavitText2ImagePipeline(
+    LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline, StableDiffusionMixin
+):
     r"""Text-to-image (and image+text-to-image) generation with LaVIT.
 
     The language model samples visual tokens after `[IMG]` with classifier-free guidance against the bare
@@ -158,7 +165,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.visual_image_processor = (
-            LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config) if visual_tokenizer else LavitImageProcessor()
+            LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
+            if visual_tokenizer
+            else LavitImageProcessor()
         )
         if None not in (language_model, pixel_decoder, unet):
             self.check_components()
@@ -222,9 +231,27 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
 
     def check_inputs(
-        self, prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
-        do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
-        latents, output_type, callback_on_step_end_tensor_inputs, eta=0.0,
+        self,
+        prompt,
+        image,
+        visual_token_ids,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        llm_guidance_scale,
+        do_sample,
+        top_k,
+        top_p,
+        temperature,
+        min_new_tokens,
+        max_new_tokens,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        eta=0.0,
     ) -> PromptInputs | None:
         """Raise a clear error for any invalid argument, before any model runs. Returns the checked language-model
         inputs (`check_prompt_inputs`), or None with `visual_token_ids`."""
@@ -232,7 +259,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
             raise ValueError("Pass exactly one of `prompt` and `visual_token_ids`.")
         checked = None
         if visual_token_ids is not None:
-            check_visual_token_ids(visual_token_ids, self.pixel_decoder.config.codebook_size, self.pixel_decoder.config.num_queries)
+            check_visual_token_ids(
+                visual_token_ids, self.pixel_decoder.config.codebook_size, self.pixel_decoder.config.num_queries
+            )
             if image is not None:
                 raise ValueError("`image` is only used with `prompt`; `visual_token_ids` skips the language model.")
         else:
@@ -279,23 +308,31 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         """The language-model stage's arguments, checked once: the prompts as a list, the images grouped per prompt,
         the guidance (4.0, or 5.0 when the prompts hold images) and the token limits (`default_token_limits`)."""
         min_new_tokens, max_new_tokens = self.default_token_limits(min_new_tokens, max_new_tokens)
-        self.check_sampling_inputs(llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
+        self.check_sampling_inputs(
+            llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
+        )
         prompts = self._as_prompt_list(prompt)
         images = self.check_image_prompts(prompts, image)
         if llm_guidance_scale is None:
             llm_guidance_scale = 5.0 if any(len(group) for group in images) else 4.0
         return PromptInputs(prompts, images, llm_guidance_scale, min_new_tokens, max_new_tokens)
 
-    def check_sampling_inputs(self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
+    def check_sampling_inputs(
+        self, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
+    ):
         if llm_guidance_scale is not None:
             check_float("llm_guidance_scale", llm_guidance_scale)
         check_token_limits(min_new_tokens, max_new_tokens)
         context = self.language_model.config.max_position_embeddings
         if max_new_tokens >= context - 1:
-            raise ValueError(f"`max_new_tokens` must leave room for the prompt in the {context}-token context, got {max_new_tokens}.")
+            raise ValueError(
+                f"`max_new_tokens` must leave room for the prompt in the {context}-token context, got {max_new_tokens}."
+            )
         queries = self.pixel_decoder.config.num_queries if self.pixel_decoder is not None else max_new_tokens
         if max_new_tokens > queries:
-            raise ValueError(f"`max_new_tokens` must be at most the pixel decoder's {queries} visual tokens, got {max_new_tokens}.")
+            raise ValueError(
+                f"`max_new_tokens` must be at most the pixel decoder's {queries} visual tokens, got {max_new_tokens}."
+            )
         check_sampling(do_sample, top_k, top_p, temperature)
 
     def check_image_prompts(self, prompts: list[str], image) -> list[list]:
@@ -331,7 +368,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
                 min_new_tokens = min(min_new_tokens, max_new_tokens)
         return min_new_tokens, max_new_tokens
 
-    def encode_prompt(self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None) -> list[torch.Tensor]:
+    def encode_prompt(
+        self, prompts: list[str], images: list[list], max_new_tokens: int = 200, generator=None
+    ) -> list[torch.Tensor]:
         """Prompts with `<image>` placeholders -> per prompt the LLM ids: text segments tokenised on their own
         (no BOS), each image as its visual codes + offset (no [IMG]/[/IMG]), then `[IMG]`."""
         codes = self._tokenize_images([img for imgs in images for img in imgs], generator)
@@ -350,7 +389,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         preprocess = self.visual_image_processor.preprocess
         pixels = torch.cat([preprocess(i[None] if isinstance(i, torch.Tensor) else i) for i in images])
         pixels = pixels.to(self._execution_device, self.visual_tokenizer.dtype)
-        return self.visual_tokenizer.tokenize(pixels, generator=generator[0] if isinstance(generator, list) else generator)
+        return self.visual_tokenizer.tokenize(
+            pixels, generator=generator[0] if isinstance(generator, list) else generator
+        )
 
     @torch.no_grad()
     def generate_visual_tokens(
@@ -383,13 +424,30 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
             prompt, image, llm_guidance_scale, do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens
         )
         return self._generate_visual_tokens(
-            checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator, cache_implementation, compile,
+            checked,
+            do_sample,
+            top_k,
+            top_p,
+            temperature,
+            num_images_per_prompt,
+            generator,
+            cache_implementation,
+            compile,
             max_batch_size,
         )
 
     def _generate_visual_tokens(
-        self, checked: PromptInputs, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
-        cache_implementation: str = "dynamic", compile: bool = False, max_batch_size: int | None = None,
+        self,
+        checked: PromptInputs,
+        do_sample,
+        top_k,
+        top_p,
+        temperature,
+        num_images_per_prompt,
+        generator,
+        cache_implementation: str = "dynamic",
+        compile: bool = False,
+        max_batch_size: int | None = None,
     ) -> list[torch.Tensor]:
         """`generate_visual_tokens` on inputs that `check_prompt_inputs` has checked."""
         encoded = self.encode_prompt(checked.prompts, checked.images, checked.max_new_tokens, generator)
@@ -426,7 +484,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         `StableDiffusionXLPipeline` built from this pipeline's `unet`, `vae` and `scheduler`."""
         return self.pixel_decoder(visual_token_ids)
 
-    def prepare_conditioning(self, decoded: LavitPixelDecoderOutput, height: int, width: int) -> dict[str, torch.Tensor]:
+    def prepare_conditioning(
+        self, decoded: LavitPixelDecoderOutput, height: int, width: int
+    ) -> dict[str, torch.Tensor]:
         """SDXL's denoising conditioning, negatives first under guidance: `prompt_embeds` (2B, Q, D),
         `add_text_embeds` (2B, pooled) and `add_time_ids` (2B, 6); without guidance B rows. The low-res decoder
         has no added conditioning (those two are (rows, 0) and unused) but attention masks, `prompt_attention_mask`
@@ -446,9 +506,13 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         if decoded.pooled_prompt_embeds is not None:
             pooled = both(decoded.pooled_prompt_embeds, decoded.negative_pooled_prompt_embeds)
             conditioning["add_text_embeds"] = pooled.to(dtype)
-            conditioning["add_time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(rows, 1)
+            conditioning["add_time_ids"] = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=dtype, device=device
+            ).repeat(rows, 1)
         if decoded.prompt_attention_mask is not None:
-            conditioning["prompt_attention_mask"] = both(decoded.prompt_attention_mask, decoded.negative_prompt_attention_mask)
+            conditioning["prompt_attention_mask"] = both(
+                decoded.prompt_attention_mask, decoded.negative_prompt_attention_mask
+            )
         return conditioning
 
     def unet_inputs(self, conditioning: dict[str, torch.Tensor], guided: bool, batch_size: int) -> dict:
@@ -461,7 +525,8 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         kwargs = {"encoder_hidden_states": rows(conditioning["prompt_embeds"])}
         if self.unet.config.addition_embed_type == "text_time":
             kwargs["added_cond_kwargs"] = {
-                "text_embeds": rows(conditioning["add_text_embeds"]), "time_ids": rows(conditioning["add_time_ids"])
+                "text_embeds": rows(conditioning["add_text_embeds"]),
+                "time_ids": rows(conditioning["add_time_ids"]),
             }
         if "prompt_attention_mask" in conditioning:
             kwargs["encoder_attention_mask"] = rows(conditioning["prompt_attention_mask"])
@@ -478,7 +543,12 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """Initial noise (B, C, h/f, w/f), scaled by the scheduler's `init_noise_sigma` (call after setting the
         timesteps: for schedulers such as Euler the sigma depends on them)."""
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
@@ -530,8 +600,21 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         clip_input = self.feature_extractor(pil, return_tensors="pt").pixel_values.to(self._execution_device, dtype)
         return self.safety_checker(images=image, clip_input=clip_input)
 
-    def decode_visual_tokens(self, visual_token_ids, height, width, num_inference_steps, timesteps, sigmas, generator,
-                             latents, eta, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs):
+    def decode_visual_tokens(
+        self,
+        visual_token_ids,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        generator,
+        latents,
+        eta,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ):
         """One batch of the diffusion stage: codes per image -> (images in `output_type`, NSFW flags or None)."""
         device = self._execution_device
         conditioning = self.prepare_conditioning(self.encode_visual_tokens(visual_token_ids), height, width)
@@ -636,9 +719,26 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         height, width = height or default_size, width or default_size
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         checked = self.check_inputs(
-            prompt, image, visual_token_ids, height, width, num_inference_steps, guidance_scale, llm_guidance_scale,
-            do_sample, top_k, top_p, temperature, min_new_tokens, max_new_tokens, num_images_per_prompt, generator,
-            latents, output_type, callback_on_step_end_tensor_inputs, eta=eta,
+            prompt,
+            image,
+            visual_token_ids,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            llm_guidance_scale,
+            do_sample,
+            top_k,
+            top_p,
+            temperature,
+            min_new_tokens,
+            max_new_tokens,
+            num_images_per_prompt,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            eta=eta,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -647,16 +747,34 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         batch_size = max_batch_size or images_per_batch(self.vae, height, width, device)
         if visual_token_ids is None:
             visual_token_ids = self._generate_visual_tokens(
-                checked, do_sample, top_k, top_p, temperature, num_images_per_prompt, generator,
-                max_batch_size=batch_size, **(llm_decoding_kwargs or {}),
+                checked,
+                do_sample,
+                top_k,
+                top_p,
+                temperature,
+                num_images_per_prompt,
+                generator,
+                max_batch_size=batch_size,
+                **(llm_decoding_kwargs or {}),
             )
         else:
-            visual_token_ids = [torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)]
+            visual_token_ids = [
+                torch.as_tensor(ids).long() for ids in visual_token_ids for _ in range(num_images_per_prompt)
+            ]
         decoded = [
             self.decode_visual_tokens(
-                visual_token_ids[batch], height, width, num_inference_steps, timesteps, sigmas,
-                generator[batch] if isinstance(generator, list) else generator, None if latents is None else latents[batch],
-                eta, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                visual_token_ids[batch],
+                height,
+                width,
+                num_inference_steps,
+                timesteps,
+                sigmas,
+                generator[batch] if isinstance(generator, list) else generator,
+                None if latents is None else latents[batch],
+                eta,
+                output_type,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
             )
             for batch in row_batches(len(visual_token_ids), batch_size)
         ]
@@ -666,7 +784,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         visual_token_ids = [ids.cpu() for ids in visual_token_ids]
         if not return_dict:
             return images, visual_token_ids
-        return LavitText2ImagePipelineOutput(images=images, visual_token_ids=visual_token_ids, nsfw_content_detected=nsfw)
+        return LavitText2ImagePipelineOutput(
+            images=images, visual_token_ids=visual_token_ids, nsfw_content_detected=nsfw
+        )
 
     @torch.no_grad()
     def reconstruct(self, image, num_inference_steps: int = 50, guidance_scale: float = 5.0, generator=None, **kwargs):
@@ -676,6 +796,9 @@ class LavitText2ImagePipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTex
         self.check_reconstruct_inputs(images, num_inference_steps, guidance_scale, kwargs.get("eta", 0.0))
         codes = self._tokenize_images(images, generator)
         return self(
-            visual_token_ids=codes, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            generator=generator, **kwargs,
+            visual_token_ids=codes,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            **kwargs,
         )

@@ -23,8 +23,12 @@ LEARNED_EMBEDS = "learned_embeds.safetensors"
 class LavitTextualInversionLoaderMixin(TextualInversionLoaderMixin):
     """`load_textual_inversion` for pipelines with a `tokenizer` and a LaVIT `language_model`."""
 
-    def load_textual_inversion(self, pretrained_model_name_or_path: str | os.PathLike | list | dict | torch.Tensor,
-                               token: str | list[str] | None = None, **kwargs) -> list[int]:
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | list | dict | torch.Tensor,
+        token: str | list[str] | None = None,
+        **kwargs,
+    ) -> list[int]:
         """Add the words of textual-inversion files (a folder holding `learned_embeds.safetensors`, a file via
         `weight_name=`, a Hub id, or a state dict) with their input embeddings; returns their new ids.
 
@@ -32,7 +36,11 @@ class LavitTextualInversionLoaderMixin(TextualInversionLoaderMixin):
         embedding row per word (its output row is mean-initialised: text-to-image never samples it, and
         understanding may). ValueError when a word is already known or the embedding width differs.
         """
-        sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) else [pretrained_model_name_or_path]
+        sources = (
+            pretrained_model_name_or_path
+            if isinstance(pretrained_model_name_or_path, list)
+            else [pretrained_model_name_or_path]
+        )
         tokens = token if isinstance(token, list) else [token] * len(sources)
         language_model = self.language_model
         self._check_text_inv_inputs(self.tokenizer, language_model, sources, tokens)
@@ -41,8 +49,10 @@ class LavitTextualInversionLoaderMixin(TextualInversionLoaderMixin):
         width = language_model.get_input_embeddings().weight.shape[-1]
         embeddings = [embedding.reshape(-1, embedding.shape[-1]) for embedding in embeddings]
         if any(embedding.shape != (1, width) for embedding in embeddings):
-            raise ValueError(f"Textual-inversion embeddings must be one vector of width {width} per token, got "
-                             f"{[tuple(embedding.shape) for embedding in embeddings]}.")
+            raise ValueError(
+                f"Textual-inversion embeddings must be one vector of width {width} per token, got "
+                f"{[tuple(embedding.shape) for embedding in embeddings]}."
+            )
         tokenizer, ids = add_placeholder_tokens(self.tokenizer, language_model, tokens)
         weight = language_model.get_input_embeddings().weight
         with torch.no_grad():

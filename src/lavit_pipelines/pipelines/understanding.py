@@ -33,8 +33,17 @@ from .validation import (
 VQA_PROMPT = "Question: {} Answer:"
 # The pipeline's generation settings when neither the call nor `generation_config` sets them.
 GENERATION_DEFAULTS = dict(
-    max_new_tokens=36, min_new_tokens=8, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
-    length_penalty=1.0, repetition_penalty=1.0, num_return_sequences=1, early_stopping=False,
+    max_new_tokens=36,
+    min_new_tokens=8,
+    num_beams=1,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=50,
+    length_penalty=1.0,
+    repetition_penalty=1.0,
+    num_return_sequences=1,
+    early_stopping=False,
 )
 # The original's caption and VQA settings.
 CAPTION_DEFAULTS = dict(num_beams=2, max_new_tokens=36, min_new_tokens=8)
@@ -94,7 +103,9 @@ def image_token_limit(vision_config) -> int:
     return (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 2
 
 
-def check_context_fits(text_ids, prompts: list[str] | None, max_new_tokens: int, image_tokens: int, context: int) -> None:
+def check_context_fits(
+    text_ids, prompts: list[str] | None, max_new_tokens: int, image_tokens: int, context: int
+) -> None:
     """ValueError when the longest of `prompts` (`text_ids`: text -> token ids), an image of `image_tokens`
     positions and `max_new_tokens` exceed the `context` of the language model."""
     longest = max((len(text_ids(p)) for p in prompts or []), default=0)
@@ -150,12 +161,16 @@ def _seeded_sampling(generator: torch.Generator | list[torch.Generator] | None, 
         return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     accelerated = device.type not in ("cpu", "meta")
-    with torch.random.fork_rng(devices=[device] if accelerated else [], device_type=device.type if accelerated else "cuda"):
+    with torch.random.fork_rng(
+        devices=[device] if accelerated else [], device_type=device.type if accelerated else "cuda"
+    ):
         torch.manual_seed(seed)
         yield
 
 
-class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline):
+class LavitUnderstandingPipeline(
+    LavitPipelineMixin, LavitLoraLoaderMixin, LavitTextualInversionLoaderMixin, DiffusionPipeline
+):
     r"""Image captioning and visual question answering with LaVIT.
 
     Each image is tokenised with the stage-2 weights of the visual tokenizer into continuous LLM-space
@@ -172,7 +187,10 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
     _lora_loadable_modules = [LANGUAGE_MODEL]
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, language_model: LavitForCausalLM, visual_tokenizer: LavitVisualTokenizer
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        language_model: LavitForCausalLM,
+        visual_tokenizer: LavitVisualTokenizer,
     ):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, language_model=language_model, visual_tokenizer=visual_tokenizer)
@@ -208,8 +226,21 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
         return [prompt] * num_images if isinstance(prompt, str) else list(prompt)
 
     def check_inputs(
-        self, image, prompt, max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, top_k,
-        length_penalty, repetition_penalty, num_return_sequences, generator, streamer,
+        self,
+        image,
+        prompt,
+        max_new_tokens,
+        min_new_tokens,
+        num_beams,
+        do_sample,
+        temperature,
+        top_p,
+        top_k,
+        length_penalty,
+        repetition_penalty,
+        num_return_sequences,
+        generator,
+        streamer,
     ) -> list[str] | None:
         """Raise a clear error for any invalid argument, before any model runs. Returns the prompts, one per image
         (None without a prompt)."""
@@ -242,8 +273,13 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
 
     def check_context(self, prompts: list[str] | None, max_new_tokens: int) -> None:
         """ValueError when the longest prompt, an image and `max_new_tokens` do not fit the language model's context."""
-        check_context_fits(self.processor.text_ids, prompts, max_new_tokens, image_token_limit(self.visual_tokenizer.config),
-                           self.language_model.config.max_position_embeddings)
+        check_context_fits(
+            self.processor.text_ids,
+            prompts,
+            max_new_tokens,
+            image_token_limit(self.visual_tokenizer.config),
+            self.language_model.config.max_position_embeddings,
+        )
 
     @classmethod
     def check_prompt_fits(cls, folder: str | os.PathLike, prompt, max_new_tokens: int) -> None:
@@ -253,18 +289,29 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
         if not folder.is_dir():
             return
         index_path = folder / "model_index.json"
-        tokenizer_cls = resolve_component_class("tokenizer", read_model_index(folder).get("tokenizer"), index_path, None)
+        tokenizer_cls = resolve_component_class(
+            "tokenizer", read_model_index(folder).get("tokenizer"), index_path, None
+        )
         configs = {}
         for name in ("visual_tokenizer", "language_model"):
             try:
                 configs[name] = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ValueError(f"The component `{name}`: {folder / name / 'config.json'} is not readable ({error}).") from None
+                raise ValueError(
+                    f"The component `{name}`: {folder / name / 'config.json'} is not readable ({error})."
+                ) from None
         tokenizer = tokenizer_cls.from_pretrained(folder / "tokenizer")
-        check_context_fits(lambda text: tokenizer(text, add_special_tokens=False).input_ids, [prompt], max_new_tokens,
-                           image_token_limit(configs["visual_tokenizer"]), configs["language_model"]["max_position_embeddings"])
+        check_context_fits(
+            lambda text: tokenizer(text, add_special_tokens=False).input_ids,
+            [prompt],
+            max_new_tokens,
+            image_token_limit(configs["visual_tokenizer"]),
+            configs["language_model"]["max_position_embeddings"],
+        )
 
-    def encode_images(self, image, generator: torch.Generator | list[torch.Generator] | None = None) -> list[torch.Tensor]:
+    def encode_images(
+        self, image, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> list[torch.Tensor]:
         """Images (one call to the visual tokenizer for the whole batch) -> per image (n_i, llm_dim) features."""
         pixel_values = self.image_processor.preprocess(image)
         pixel_values = pixel_values.to(self._execution_device, self.visual_tokenizer.dtype)
@@ -346,17 +393,35 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
                 (B × num_return_sequences, T) and holds the generated ids only.
         """
         given = dict(
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, length_penalty=length_penalty,
-            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences, early_stopping=early_stopping,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            num_return_sequences=num_return_sequences,
+            early_stopping=early_stopping,
         )
         settings = generation_settings(generation_config, GENERATION_DEFAULTS, given)
         if given["min_new_tokens"] is None and isinstance(settings["max_new_tokens"], int):
             settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
         prompts = self.check_inputs(
-            image, prompt, settings["max_new_tokens"], settings["min_new_tokens"], settings["num_beams"],
-            settings["do_sample"], settings["temperature"], settings["top_p"], settings["top_k"],
-            settings["length_penalty"], settings["repetition_penalty"], settings["num_return_sequences"], generator,
+            image,
+            prompt,
+            settings["max_new_tokens"],
+            settings["min_new_tokens"],
+            settings["num_beams"],
+            settings["do_sample"],
+            settings["temperature"],
+            settings["top_p"],
+            settings["top_k"],
+            settings["length_penalty"],
+            settings["repetition_penalty"],
+            settings["num_return_sequences"],
+            generator,
             streamer,
         )
         built = sorted(set(BUILT_INPUTS) & set(generate_kwargs))
@@ -364,7 +429,9 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
             raise TypeError(f"{built} are built by the pipeline from `image` and `prompt`; do not pass them.")
         features = self.encode_images(image, generator)
         embeddings = self.language_model.get_input_embeddings()
-        inputs_embeds, attention_mask = self.processor.understanding_inputs(features, prompts, embeddings, pad_prompt_before_image)
+        inputs_embeds, attention_mask = self.processor.understanding_inputs(
+            features, prompts, embeddings, pad_prompt_before_image
+        )
         unused = (("temperature", "top_p", "top_k") if not settings["do_sample"] else ()) + (
             ("length_penalty", "early_stopping") if settings["num_beams"] == 1 else ()
         )
@@ -392,8 +459,11 @@ class LavitUnderstandingPipeline(LavitPipelineMixin, LavitLoraLoaderMixin, Lavit
         return LavitUnderstandingPipelineOutput(text=text, sequences=sequences)
 
     def _token_ids(self) -> dict:
-        return dict(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.processor.pad_token_id)
+        return dict(
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.processor.pad_token_id,
+        )
 
     @staticmethod
     def _task_defaults(defaults: dict, kwargs: dict) -> dict:

@@ -47,7 +47,12 @@ def check_float(name: str, value, label: str | None = None) -> None:
     number in `FLOAT_ARGUMENTS[name]`: NaN and infinities are refused everywhere."""
     label = label or f"`{name}`"
     interval = FLOAT_ARGUMENTS[name]
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value not in interval:
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value not in interval
+    ):
         raise ValueError(f"{label} must be a finite number in {interval}, got {value!r}.")
 
 
@@ -58,8 +63,14 @@ def check_positive_int(name: str, value) -> None:
 
 def check_token_limits(min_new_tokens, max_new_tokens) -> None:
     check_positive_int("max_new_tokens", max_new_tokens)
-    if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}.")
+    if (
+        not isinstance(min_new_tokens, int)
+        or isinstance(min_new_tokens, bool)
+        or not 0 <= min_new_tokens <= max_new_tokens
+    ):
+        raise ValueError(
+            f"`min_new_tokens` must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}."
+        )
 
 
 def check_sampling(do_sample: bool, top_k, top_p, temperature) -> None:
@@ -91,7 +102,9 @@ def check_image_items(images: list, name: str = "image") -> None:
                 raise FileNotFoundError(f"`{name}`: no image file at {os.fspath(item)!r}.")
         elif isinstance(item, torch.Tensor):
             if item.ndim not in (3, 4) or not item.is_floating_point() or 0 in item.shape:
-                raise ValueError(f"`{name}` tensors must be preprocessed float pixel values, got {item.dtype} {tuple(item.shape)}.")
+                raise ValueError(
+                    f"`{name}` tensors must be preprocessed float pixel values, got {item.dtype} {tuple(item.shape)}."
+                )
             if not torch.isfinite(item).all():
                 raise ValueError(f"`{name}` tensors must hold finite pixel values, found NaN or infinity.")
         elif isinstance(item, (PIL.Image.Image, np.ndarray)):
@@ -99,4 +112,6 @@ def check_image_items(images: list, name: str = "image") -> None:
             if min(size, default=0) < 1:
                 raise ValueError(f"`{name}` images must be at least 1×1 pixels, got size {tuple(size)}.")
         else:
-            raise TypeError(f"`{name}` entries must be PIL images, paths, uint8 arrays or tensors, got {type(item).__name__}.")
+            raise TypeError(
+                f"`{name}` entries must be PIL images, paths, uint8 arrays or tensors, got {type(item).__name__}."
+            )

@@ -69,7 +69,9 @@ class CodebookEMA(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def update(self, codebook: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, reduce: Reduce = lambda t: t) -> dict:
+    def update(
+        self, codebook: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, reduce: Reduce = lambda t: t
+    ) -> dict:
         """One EMA step from this process' vectors z (n, D) and their codes (n,); `reduce` sums over processes.
         Returns the batch's `perplexity` and the number of `dead_codes` before restarts."""
         counts, sums = code_counts_and_sums(z, codes, len(codebook))

@@ -23,7 +23,7 @@ def read_metadata(folder: Path, text_column: str = "text") -> list[dict]:
     path. ValueError/FileNotFoundError naming the file and line otherwise."""
     metadata = folder / METADATA
     if not metadata.is_file():
-        raise FileNotFoundError(f"`data`: {folder} has no {METADATA} (lines of {{\"file_name\": ..., \"text\": ...}}).")
+        raise FileNotFoundError(f'`data`: {folder} has no {METADATA} (lines of {{"file_name": ..., "text": ...}}).')
     root = folder.resolve()
     records = []
     for number, raw in enumerate(metadata.read_bytes().splitlines(), start=1):
@@ -39,15 +39,17 @@ def read_metadata(folder: Path, text_column: str = "text") -> list[dict]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not a JSON object ({error.msg}).") from None
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
-            raise ValueError(f"{where}: needs a string \"file_name\".")
+            raise ValueError(f'{where}: needs a string "file_name".')
         text = record.get(text_column)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: {record['file_name']!r} has no text (a non-empty string \"{text_column}\").")
+            raise ValueError(f'{where}: {record["file_name"]!r} has no text (a non-empty string "{text_column}").')
         if not isinstance(record.get(PROMPT, ""), str):
-            raise ValueError(f"{where}: \"{PROMPT}\" must be a string (the unlabelled text before \"{text_column}\").")
+            raise ValueError(f'{where}: "{PROMPT}" must be a string (the unlabelled text before "{text_column}").')
         image = folder / record["file_name"]
         if os.path.isabs(record["file_name"]) or not image.resolve().is_relative_to(root):
-            raise ValueError(f"{where}: the image {record['file_name']!r} lies outside the data folder {str(folder)!r}.")
+            raise ValueError(
+                f"{where}: the image {record['file_name']!r} lies outside the data folder {str(folder)!r}."
+            )
         if not image.is_file():
             raise FileNotFoundError(f"{where}: the image {str(image)!r} does not exist.")
         check_image(image, where)
@@ -64,7 +66,8 @@ def check_image(image: Path, where: str) -> None:
             pixels = opened.size[0] * opened.size[1]
             if PIL.Image.MAX_IMAGE_PIXELS and pixels > PIL.Image.MAX_IMAGE_PIXELS:
                 raise PIL.Image.DecompressionBombError(
-                    f"{pixels} pixels, over PIL's decompression-bomb limit of {PIL.Image.MAX_IMAGE_PIXELS}")
+                    f"{pixels} pixels, over PIL's decompression-bomb limit of {PIL.Image.MAX_IMAGE_PIXELS}"
+                )
             opened.verify()
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"{where}: {str(image)!r} is not a readable image ({error}).") from None
@@ -103,7 +106,10 @@ def add_class_examples(dataset, class_data: str, image_column: str = "image", te
 
     classes = load_image_text_dataset(class_data, image_column, text_column)
     kept = [c for c in (image_column, text_column, PROMPT) if c in dataset.column_names and c in classes.column_names]
-    parts = [part.select_columns(kept).add_column(PRIOR, [flag] * len(part)) for part, flag in ((dataset, False), (classes, True))]
+    parts = [
+        part.select_columns(kept).add_column(PRIOR, [flag] * len(part))
+        for part, flag in ((dataset, False), (classes, True))
+    ]
     parts[1] = parts[1].cast(parts[0].features)
     return datasets.concatenate_datasets(parts)
 
@@ -134,7 +140,8 @@ class IndexedDataset(torch.utils.data.Dataset):
 def collate(examples: list[dict]) -> dict:
     """Stack tensors, keep other values (texts) as lists."""
     return {
-        key: torch.stack([e[key] for e in examples]) if isinstance(examples[0][key], torch.Tensor)
+        key: torch.stack([e[key] for e in examples])
+        if isinstance(examples[0][key], torch.Tensor)
         else [e[key] for e in examples]
         for key in examples[0]
     }

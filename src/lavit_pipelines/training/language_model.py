@@ -103,10 +103,14 @@ class LanguageModelTrainingModule(nn.Module):
         visual = {}
         if picks[False]:
             with torch.no_grad():
-                codes = self.visual_tokenizer.tokenize(pixels[picks[False]], generator=[generators[i] for i in picks[False]])
+                codes = self.visual_tokenizer.tokenize(
+                    pixels[picks[False]], generator=[generators[i] for i in picks[False]]
+                )
             visual.update(zip(picks[False], codes))
         if picks[True]:
-            features = self.visual_tokenizer.encode_features(pixels[picks[True]], generator=[generators[i] for i in picks[True]])
+            features = self.visual_tokenizer.encode_features(
+                pixels[picks[True]], generator=[generators[i] for i in picks[True]]
+            )
             visual.update(zip(picks[True], features))
         examples = []
         for i, text in enumerate(batch["text"]):
@@ -124,11 +128,21 @@ class LanguageModelTrainingModule(nn.Module):
         targets = labels[:, 1:]
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
         counted = targets.flatten() != IGNORE
-        is_visual = self.language_model.is_visual_token(targets.flatten()) | (targets.flatten() == self.language_model.config.image_end_token_id)
+        is_visual = self.language_model.is_visual_token(targets.flatten()) | (
+            targets.flatten() == self.language_model.config.image_end_token_id
+        )
         prior = batch.get(PRIOR, torch.zeros(len(pixels), dtype=torch.bool))
-        is_prior = batch_rows([(e, prior[i].long().expand(len(e))) for i, (e, _) in enumerate(examples)], rows, pad)[2][:, 1:].flatten() == 1
+        is_prior = (
+            batch_rows([(e, prior[i].long().expand(len(e))) for i, (e, _) in enumerate(examples)], rows, pad)[2][
+                :, 1:
+            ].flatten()
+            == 1
+        )
         weights = torch.where(is_prior, config.prior_loss_weight, 1.0)
-        metrics = {"loss": (weights * losses).sum() / counted.sum().clamp(min=1), "understanding_examples": understand.float().mean()}
+        metrics = {
+            "loss": (weights * losses).sum() / counted.sum().clamp(min=1),
+            "understanding_examples": understand.float().mean(),
+        }
         parts = (("visual_loss", is_visual), ("text_loss", counted & ~is_visual), ("prior_loss", counted & is_prior))
         for name, mask in parts:
             metrics[name] = losses[mask].sum() / mask.sum().clamp(min=1)
@@ -186,8 +200,12 @@ class LanguageModelStage(Stage):
             from peft import LoraConfig, inject_adapter_in_model
 
             lm.requires_grad_(False)
-            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                              init_lora_weights="gaussian", target_modules=config.lora_target_modules)
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha or config.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=config.lora_target_modules,
+            )
             inject_adapter_in_model(lora, lm)
             if config.train_visual_embeddings:
                 trained.append("language_model")
@@ -195,7 +213,10 @@ class LanguageModelStage(Stage):
             lm.requires_grad_(True)
             trained.append("language_model")
             input_rows = output_rows = []  # every row trains
-        for weight, rows in ((lm.get_input_embeddings().weight, input_rows), (lm.get_output_embeddings().weight, output_rows)):
+        for weight, rows in (
+            (lm.get_input_embeddings().weight, input_rows),
+            (lm.get_output_embeddings().weight, output_rows),
+        ):
             if rows:
                 keep_rows_trainable(weight, rows)
         trained = list(dict.fromkeys(trained))
@@ -253,7 +274,9 @@ class LanguageModelStage(Stage):
             from ..pipelines.textual_inversion import LEARNED_EMBEDS
 
             row = self.components["language_model"].get_input_embeddings().weight[self.placeholder_id]
-            save_file({self.config.placeholder_token: row.detach().float().cpu().clone()}, Path(output) / LEARNED_EMBEDS)
+            save_file(
+                {self.config.placeholder_token: row.detach().float().cpu().clone()}, Path(output) / LEARNED_EMBEDS
+            )
         if self.config.lora and not self.config.textual_inversion:
             from diffusers.utils.peft_utils import recurse_remove_peft_layers
 

@@ -152,13 +152,17 @@ def find_checkpoint(output: Path, config: TrainingConfig) -> Path | None:
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir() or not checkpoint_step(path):
-            raise FileNotFoundError(f"`resume_from_checkpoint`: no checkpoint folder ({CHECKPOINT_PREFIX}<step>) {resume!r}.")
+            raise FileNotFoundError(
+                f"`resume_from_checkpoint`: no checkpoint folder ({CHECKPOINT_PREFIX}<step>) {resume!r}."
+            )
     else:
         found = [p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p)]
         if not found:
             if PartialState().is_main_process:
-                print(f"resume_from_checkpoint=latest: {output} holds no checkpoint; starting a new training run.",
-                      file=sys.stderr)
+                print(
+                    f"resume_from_checkpoint=latest: {output} holds no checkpoint; starting a new training run.",
+                    file=sys.stderr,
+                )
             return None
         path = max(found, key=checkpoint_step)
     recorded = path.parent / CONFIG
@@ -168,14 +172,16 @@ def find_checkpoint(output: Path, config: TrainingConfig) -> Path | None:
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
             raise ValueError(f"`resume_from_checkpoint`: {recorded} is not a training config ({error}).") from None
         if stage != config.stage:
-            raise ValueError(f"`resume_from_checkpoint`: {path} is a checkpoint of the {stage} stage ({recorded}), "
-                             f"not of {config.stage}.")
+            raise ValueError(
+                f"`resume_from_checkpoint`: {path} is a checkpoint of the {stage} stage ({recorded}), "
+                f"not of {config.stage}."
+            )
     return path
 
 
 def checkpoint_step(path: Path) -> int:
     """The step of `checkpoint-<step>` (0 for other names)."""
-    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    suffix = path.name[len(CHECKPOINT_PREFIX) :]
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else 0
 
 
@@ -189,11 +195,15 @@ def check_checkpoint(checkpoint: Path, module: torch.nn.Module) -> None:
             try:
                 stored = stored_shapes("checkpoint", [path])
             except ValueError as error:
-                raise ValueError(f"`resume_from_checkpoint`: {path} is not readable ({first_line(error.__cause__)}).") from None
+                raise ValueError(
+                    f"`resume_from_checkpoint`: {path} is not readable ({first_line(error.__cause__)})."
+                ) from None
             different = sorted(set(stored) ^ set(expected)) or sorted(k for k in stored if stored[k] != expected[k])
             if different:
-                raise ValueError(f"`resume_from_checkpoint`: {path} holds the weights of another model than this run "
-                                 f"trains ({different[0]} differs): another stage or other settings.")
+                raise ValueError(
+                    f"`resume_from_checkpoint`: {path} holds the weights of another model than this run "
+                    f"trains ({different[0]} differs): another stage or other settings."
+                )
         elif path.suffix in (".bin", ".pkl"):
             try:
                 accelerate_load(path, map_location="cpu", mmap=True)
@@ -211,9 +221,7 @@ def load_components(model: Path, names: tuple[str, ...], dtype: torch.dtype = to
     missing = [name for name in names if index.get(name, [None])[0] is None]
     if missing:
         raise ValueError(f"`model`: {model} has no {', '.join(missing)} component, which this stage trains or needs.")
-    pipe = LavitText2ImagePipeline.from_pretrained(
-        model, dtype={"default": dtype, "vae": torch.float32}, **skipped
-    )
+    pipe = LavitText2ImagePipeline.from_pretrained(model, dtype={"default": dtype, "vae": torch.float32}, **skipped)
     return {name: getattr(pipe, name) for name in names}
 
 
@@ -255,7 +263,7 @@ def rewrite_logs(path: Path, last_step: int) -> None:
 def prune_checkpoints(output: Path, limit: int | None) -> None:
     if limit is None:
         return
-    found = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = sorted(output.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
     for old in found[: max(len(found) - limit, 0)]:
         shutil.rmtree(old)
 
@@ -266,7 +274,9 @@ def batches_from(dataloader, accelerator: Accelerator, seen: int):
     epoch, skip = divmod(seen, len(dataloader))
     while True:
         dataloader.set_epoch(epoch)
-        yield from ((epoch, batch) for batch in (accelerator.skip_first_batches(dataloader, skip) if skip else dataloader))
+        yield from (
+            (epoch, batch) for batch in (accelerator.skip_first_batches(dataloader, skip) if skip else dataloader)
+        )
         epoch, skip = epoch + 1, 0
 
 
@@ -296,8 +306,10 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     step = checkpoint_step(checkpoint) if checkpoint is not None else 0
     if step >= config.max_steps and (output / "model_index.json").is_file():
         if PartialState().is_main_process:
-            print(f"{checkpoint} already reached max_steps={config.max_steps}: nothing to train, {output} is left as it is.",
-                  file=sys.stderr)
+            print(
+                f"{checkpoint} already reached max_steps={config.max_steps}: nothing to train, {output} is left as it is.",
+                file=sys.stderr,
+            )
         return output
     dataset = load_image_text_dataset(config.data, config.image_column, config.text_column)
     if config.class_data is not None:
@@ -318,9 +330,13 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
     data = IndexedDataset(dataset, stage.transform, config.image_column, config.text_column)
     stage.initialize(data)
     dataloader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
-    optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        stage.parameters_to_train(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     module, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage.module, optimizer, dataloader, lr_scheduler)
@@ -334,8 +350,12 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
         (output / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
         rewrite_logs(output / LOGS, step)
     logging_steps = 1 if config.max_steps <= 100 else config.logging_steps
-    progress = tqdm(range(config.max_steps), initial=step, desc=f"train {config.stage}",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(config.max_steps),
+        initial=step,
+        desc=f"train {config.stage}",
+        disable=not accelerator.is_local_main_process,
+    )
     if config.validation_steps:  # a fixed batch: the first examples
         validation_batch = collate([data[i] for i in range(min(config.batch_size, len(data)))])
         validation_examples = dataset.select(range(min(VALIDATION_IMAGES, len(data))))

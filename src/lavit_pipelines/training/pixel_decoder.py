@@ -42,7 +42,9 @@ def standardize_decoder_input(decoder) -> None:
 class PixelDecoderTrainingModule(nn.Module):
     """Frozen visual tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
 
-    def __init__(self, components: dict, scheduler: DDPMScheduler, condition_dropout: float, snr_gamma: float | None = None):
+    def __init__(
+        self, components: dict, scheduler: DDPMScheduler, condition_dropout: float, snr_gamma: float | None = None
+    ):
         super().__init__()
         self.visual_tokenizer, self.pixel_decoder = components["visual_tokenizer"], components["pixel_decoder"]
         self.unet, self.vae = components["unet"], components["vae"]
@@ -55,7 +57,9 @@ class PixelDecoderTrainingModule(nn.Module):
         posteriors' parameters (N, 2C, h, w), float32 on the CPU, read by example index in each step."""
         parameters = []
         for start in range(0, len(data), batch_size):
-            pixels = torch.stack([data[i]["vae_pixel_values"] for i in range(start, min(start + batch_size, len(data)))])
+            pixels = torch.stack(
+                [data[i]["vae_pixel_values"] for i in range(start, min(start + batch_size, len(data)))]
+            )
             posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
             parameters.append(posterior.parameters.float().cpu())
         self.latent_parameters = torch.cat(parameters)
@@ -91,7 +95,9 @@ class PixelDecoderTrainingModule(nn.Module):
             codes = self.visual_tokenizer.tokenize(batch["pixel_values"], generator=generators)
             latents = self.latent_dist(batch).sample(generator=generators) * self.vae.config.scaling_factor
         noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
-        timesteps = per_example(generators, lambda g: torch.randint(self.scheduler.config.num_train_timesteps, (1,), generator=g))
+        timesteps = per_example(
+            generators, lambda g: torch.randint(self.scheduler.config.num_train_timesteps, (1,), generator=g)
+        )
         timesteps = timesteps.to(latents.device)
         drop = per_example(generators, lambda g: torch.rand(1, generator=g)).to(latents.device) < self.condition_dropout
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
@@ -108,7 +114,9 @@ class PixelDecoderTrainingModule(nn.Module):
         if self.snr_gamma is None:
             return F.mse_loss(prediction, target)
         snr = compute_snr(self.scheduler, timesteps)
-        weights = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr)
+        weights = snr.clamp(max=self.snr_gamma) / (
+            snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
+        )
         return (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
 
 
@@ -117,7 +125,9 @@ class PixelDecoderStage(Stage):
 
     def __init__(self, config, components, accelerator):
         super().__init__(config, components, accelerator)
-        visual_tokenizer, decoder, unet, vae = (components[k] for k in ("visual_tokenizer", "pixel_decoder", "unet", "vae"))
+        visual_tokenizer, decoder, unet, vae = (
+            components[k] for k in ("visual_tokenizer", "pixel_decoder", "unet", "vae")
+        )
         visual_tokenizer.requires_grad_(False)
         vae.requires_grad_(False)
         unet.requires_grad_(config.train_unet and not config.lora)
@@ -126,12 +136,20 @@ class PixelDecoderStage(Stage):
         if config.lora:
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                        init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha or config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=UNET_LORA_TARGETS,
+                )
+            )
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             decoder.enable_gradient_checkpointing()
-        self.trained_components = ("pixel_decoder", "unet") if config.train_unet and not config.lora else ("pixel_decoder",)
+        self.trained_components = (
+            ("pixel_decoder", "unet") if config.train_unet and not config.lora else ("pixel_decoder",)
+        )
         scheduler = DDPMScheduler.from_config(components["scheduler"].config)
         if config.prediction_type is not None:
             scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -139,7 +157,9 @@ class PixelDecoderStage(Stage):
         self.resolution = resolution
         self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         self.processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
-        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(accelerator.device)
+        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(
+            accelerator.device
+        )
         self.ema = None
         if config.use_ema:
             cast_training_params(self.module, torch.float32)  # the EMA copies float32 weights
@@ -168,5 +188,7 @@ class PixelDecoderStage(Stage):
             from ..pipelines.text2image import LavitText2ImagePipeline
 
             layers, metadata = lora_layers(self.components["unet"])
-            LavitText2ImagePipeline.save_lora_weights(output, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            LavitText2ImagePipeline.save_lora_weights(
+                output, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+            )
         return super().finish(output)

@@ -49,7 +49,9 @@ def plot_losses(logs: Path, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in logs.read_text().splitlines() if line]
-    names = sorted({key for row in rows for key, value in row.items() if "loss" in key and isinstance(value, (int, float))})
+    names = sorted(
+        {key for row in rows for key, value in row.items() if "loss" in key and isinstance(value, (int, float))}
+    )
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.subplots()
     for name in names:

@@ -43,15 +43,21 @@ class SubjectConfig:
     """
 
     model: str = setting(help="BASE pipeline folder")
-    images: str = setting(help="the subject's images: a folder with metadata.jsonl (texts holding the token) or plain images")
+    images: str = setting(
+        help="the subject's images: a folder with metadata.jsonl (texts holding the token) or plain images"
+    )
     token: str = setting(help="the new word, e.g. sks")
     class_word: str = setting(help="what the subject is, e.g. triangle: starts the word's embedding; class prompts")
     output: str = setting(help="OUT folder (new or empty): instance-data/, class-data/, model/")
-    initializer_word: str | None = setting(None, "the word(s) that start the new word's embedding (default: class_word)")
+    initializer_word: str | None = setting(
+        None, "the word(s) that start the new word's embedding (default: class_word)"
+    )
     caption: str = setting("a {token}", "caption of plain images ({token} is filled in)")
     class_images: str | None = setting(None, "class examples (metadata.jsonl folder) instead of drawing them with BASE")
     num_class_images: int | None = setting(None, "class examples to draw (default: as many as the subject's images)")
-    prior_preservation: bool = setting(True, "with --lora: train class examples along (DreamBooth's prior preservation)")
+    prior_preservation: bool = setting(
+        True, "with --lora: train class examples along (DreamBooth's prior preservation)"
+    )
     prior_loss_weight: float = setting(1.0, "the weight of the class examples' tokens in the loss")
     lora: bool = setting(False, "LoRA adapters on the language model besides the word (off: the word alone)")
     lora_rank: int = setting(8, "LoRA rank")
@@ -105,11 +111,15 @@ def subject_captions(images: Path, token: str, caption: str) -> list[tuple[str, 
         from .data import read_metadata
 
         read_metadata(images)
-        records = [json.loads(line) for line in (images / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [
+            json.loads(line) for line in (images / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         pairs = [(record["file_name"], record["text"]) for record in records]
         for number, (_, text) in enumerate(pairs, start=1):
             if token not in text.split():
-                raise ValueError(f"`images`: {images / METADATA}:{number}: the caption {text!r} does not contain the word {token!r}.")
+                raise ValueError(
+                    f"`images`: {images / METADATA}:{number}: the caption {text!r} does not contain the word {token!r}."
+                )
         return pairs
     names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not names:
@@ -165,8 +175,9 @@ def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
         return data, None
     if config.class_images is not None:
         return data, Path(config.class_images)
-    prompts = class_prompts([text for _, text in pairs], config.token, config.class_word,
-                            config.num_class_images or len(pairs))
+    prompts = class_prompts(
+        [text for _, text in pairs], config.token, config.class_word, config.num_class_images or len(pairs)
+    )
     draw_class_examples(config.model, prompts, output / CLASS_DATA, config.seed)
     return data, output / CLASS_DATA
 
@@ -174,13 +185,26 @@ def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
 def stage_config(config: SubjectConfig, data: Path, class_data: Path | None) -> TrainingConfig:
     """The language-model stage's settings for this subject."""
     return TrainingConfig(
-        stage="language-model", model=config.model, data=str(data), output=str(Path(config.output) / MODEL),
-        max_steps=config.max_steps, learning_rate=config.learning_rate, batch_size=config.batch_size,
-        seed=config.seed, lora=config.lora, lora_rank=config.lora_rank, textual_inversion=not config.lora,
-        placeholder_token=config.token, initializer_token=config.initializer_word or config.class_word,
-        class_data=None if class_data is None else str(class_data), prior_loss_weight=config.prior_loss_weight,
-        understanding_ratio=0.0, train_understanding_head=False, checkpointing_steps=config.max_steps,
-        checkpoints_total_limit=1, mixed_precision=config.mixed_precision,
+        stage="language-model",
+        model=config.model,
+        data=str(data),
+        output=str(Path(config.output) / MODEL),
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        lora=config.lora,
+        lora_rank=config.lora_rank,
+        textual_inversion=not config.lora,
+        placeholder_token=config.token,
+        initializer_token=config.initializer_word or config.class_word,
+        class_data=None if class_data is None else str(class_data),
+        prior_loss_weight=config.prior_loss_weight,
+        understanding_ratio=0.0,
+        train_understanding_head=False,
+        checkpointing_steps=config.max_steps,
+        checkpoints_total_limit=1,
+        mixed_precision=config.mixed_precision,
         gradient_checkpointing=config.gradient_checkpointing,
     )
 
@@ -191,7 +215,9 @@ def check_new_word(config: SubjectConfig) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.model, "tokenizer"))
     if config.token in tokenizer.get_vocab():
-        raise ValueError(f"`token`: {config.token!r} is already a word of {config.model!r}; choose a new word (e.g. 'sks').")
+        raise ValueError(
+            f"`token`: {config.token!r} is already a word of {config.model!r}; choose a new word (e.g. 'sks')."
+        )
 
 
 def train_subject(config: SubjectConfig) -> Path:
@@ -201,4 +227,3 @@ def train_subject(config: SubjectConfig) -> Path:
     from . import train
 
     return train(stage_config(config, data, class_data))
-

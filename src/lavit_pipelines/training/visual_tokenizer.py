@@ -35,8 +35,16 @@ class FeatureReconstructionDecoder(nn.Module):
     kept tokens, which is all that the pixel decoder knows of it: where a token lies in the image must be in
     its code."""
 
-    def __init__(self, num_patches: int, token_dim: int, hidden_size: int, target_dim: int, num_layers: int,
-                 num_heads: int, mlp_dim: int):
+    def __init__(
+        self,
+        num_patches: int,
+        token_dim: int,
+        hidden_size: int,
+        target_dim: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+    ):
         super().__init__()
         self.input_proj = nn.Linear(token_dim, hidden_size)
         self.token_positions = nn.Parameter(torch.randn(1, num_patches, hidden_size) * 0.02)
@@ -67,8 +75,13 @@ class VisualTokenizerTrainingModule(nn.Module):
             getattr(visual_tokenizer, name).requires_grad_(True)
         c = visual_tokenizer.config
         self.decoder = FeatureReconstructionDecoder(
-            (c.image_size // c.patch_size) ** 2, c.codebook_dim, c.hidden_size, c.hidden_size,
-            config.reconstruction_layers, c.hidden_size // c.attention_head_dim, c.merger_mlp_dim,
+            (c.image_size // c.patch_size) ** 2,
+            c.codebook_dim,
+            c.hidden_size,
+            c.hidden_size,
+            config.reconstruction_layers,
+            c.hidden_size // c.attention_head_dim,
+            c.merger_mlp_dim,
         )
         self.codebook_ema = CodebookEMA(c.codebook_size, config.codebook_decay, config.dead_code_threshold)
 
@@ -115,8 +128,13 @@ class VisualTokenizerTrainingModule(nn.Module):
         loss = reconstruction_loss + config.keep_ratio_weight * keep_ratio_loss
         if "commitment_loss" in metrics:
             loss = loss + config.commitment_weight * metrics["commitment_loss"]
-        return {"loss": loss, "reconstruction_loss": reconstruction_loss, "keep_ratio_loss": keep_ratio_loss,
-                "keep_ratio": kept.float().mean(), **metrics}
+        return {
+            "loss": loss,
+            "reconstruction_loss": reconstruction_loss,
+            "keep_ratio_loss": keep_ratio_loss,
+            "keep_ratio": kept.float().mean(),
+            **metrics,
+        }
 
 
 class VisualTokenizerStage(Stage):

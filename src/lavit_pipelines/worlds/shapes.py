@@ -32,7 +32,13 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
-PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center"}
+PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 LAYOUTS = {"side_by_side": ((18, 32), (46, 32)), "stacked": ((32, 18), (32, 46))}
 RELATIONS = {"side_by_side": "to the left of", "stacked": "above"}
 COLOR_JITTER, SINGLE_JITTER, PAIR_JITTER = 15, 4, 3
@@ -87,12 +93,16 @@ def _jittered_color(rng: random.Random, name: str) -> tuple[int, int, int]:
     return tuple(min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in COLORS[name])
 
 
-def _place(rng: random.Random, shape: str, color: str, center: tuple[int, int], sides: tuple[int, int], jitter: int) -> ShapeObject:
+def _place(
+    rng: random.Random, shape: str, color: str, center: tuple[int, int], sides: tuple[int, int], jitter: int
+) -> ShapeObject:
     x, y = (c + rng.randint(-jitter, jitter) for c in center)
     return ShapeObject(shape, color, _jittered_color(rng, color), (x, y), rng.randint(*sides))
 
 
-def single_scene(rng: random.Random, shape: str | None = None, color: str | None = None, position: str | None = None) -> Scene:
+def single_scene(
+    rng: random.Random, shape: str | None = None, color: str | None = None, position: str | None = None
+) -> Scene:
     """A one-object scene; unspecified attributes are drawn from `rng`."""
     shape = shape or rng.choice(SHAPES)
     color = color or rng.choice(list(COLORS))
@@ -100,15 +110,21 @@ def single_scene(rng: random.Random, shape: str | None = None, color: str | None
     return Scene((_place(rng, shape, color, POSITIONS[position], SINGLE_SIDES, SINGLE_JITTER),), position=position)
 
 
-def pair_scene(rng: random.Random, shapes: tuple[str, str] | None = None, colors: tuple[str, str] | None = None,
-               layout: str | None = None) -> Scene:
+def pair_scene(
+    rng: random.Random,
+    shapes: tuple[str, str] | None = None,
+    colors: tuple[str, str] | None = None,
+    layout: str | None = None,
+) -> Scene:
     """A two-object scene of two different shapes (first: left or top); unspecified attributes from `rng`."""
     shapes = shapes or tuple(rng.sample(SHAPES, 2))
     if shapes[0] == shapes[1]:
         raise ValueError(f"`shapes` must be two different shapes, got {shapes}.")
     colors = colors or (rng.choice(list(COLORS)), rng.choice(list(COLORS)))
     layout = layout or rng.choice(list(LAYOUTS))
-    objects = tuple(_place(rng, s, c, centre, PAIR_SIDES, PAIR_JITTER) for s, c, centre in zip(shapes, colors, LAYOUTS[layout]))
+    objects = tuple(
+        _place(rng, s, c, centre, PAIR_SIDES, PAIR_JITTER) for s, c, centre in zip(shapes, colors, LAYOUTS[layout])
+    )
     return Scene(objects, layout=layout)
 
 
