@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "lavit-tiny-original"
+# Two CPU processes under `accelerate launch`: the tests that check results do not depend on the process count.
+TWO_PROCESS_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import TWO_PROCESS_LAUNCH
 
 from lavit_pipelines.cli import main
 
@@ -176,18 +177,7 @@ def test_prompt_file_sharded_across_two_processes(tmp_path):
     assert single.returncode == 0, single.stderr
     # `--cpu --num_processes 2` starts one process in accelerate 1.15: two CPU processes need --multi_gpu.
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *TWO_PROCESS_LAUNCH,
         "-m",
         "lavit_pipelines.cli",
         *args,

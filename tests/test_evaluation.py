@@ -4,13 +4,13 @@ model loads, resume, two processes, and each evaluation end to end on the tiny m
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import scipy.linalg
 import torch
+from conftest import TWO_PROCESS_LAUNCH
 
 from lavit_pipelines.cli import main
 from lavit_pipelines.evaluation import metrics
@@ -265,18 +265,7 @@ def test_two_processes_give_the_predictions_of_one(data, tmp_path):
     ]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *TWO_PROCESS_LAUNCH,
         "-m",
         "lavit_pipelines.cli",
         *args,

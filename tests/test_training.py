@@ -8,6 +8,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
+from conftest import TWO_PROCESS_LAUNCH
 
 from lavit_pipelines import LavitText2ImagePipeline, LavitUnderstandingPipeline
 from lavit_pipelines.training import TrainingConfig, train
@@ -427,21 +428,9 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(tokenizer_run, tr
     script.write_text(TWO_PROCESS_SCRIPT)
     args = [str(tokenizer_run), str(training_data)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    subprocess.run([*launch, str(script), *args, str(tmp_path / "two"), "2"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*TWO_PROCESS_LAUNCH, str(script), *args, str(tmp_path / "two"), "2"], env=env, check=True, capture_output=True
+    )
     subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), "4"], check=True, capture_output=True)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == 2 and one == pytest.approx(two, rel=1e-5)
