@@ -7,8 +7,7 @@ unbatched CFG processor runs a second forward per token), same process, same ran
     python benchmarks/visual_tokens_cpu.py --kernels           # only the fp32 / bf16 / int8 kernel table
 
 Both produce exactly `--tokens` tokens (min_new_tokens = max_new_tokens) and the script checks that greedy
-decoding gives identical tokens on both paths before timing. It also times the head product of the sampled ids
-row by row (as `sample_visual_tokens` computes it) against one 2-row GEMM, on the machine it runs on.
+decoding gives identical tokens on both paths before timing.
 
 With `--low-precision`, ours also runs on bfloat16 and torchao int8 weight-only copies of the model (bfloat16
 activations; the output head and embeddings stay bfloat16, as transformers' torchao quantizer keeps them), eager
@@ -25,7 +24,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lavit_pipelines.models.visual_sampling import rowwise_linear, sample_visual_tokens
+from lavit_pipelines.models.visual_sampling import sample_visual_tokens
 from machine import describe_machine
 
 IMG, END_IMG, PAD = 32000, 32001, 2
@@ -100,15 +99,6 @@ def interleaved_medians(fns: list, repeats: int, warmup: int = 1) -> list[float]
             if round_ >= warmup:
                 spent.append(time.perf_counter() - start)
     return [statistics.median(spent) for spent in times]
-
-
-def head_product_medians(model, rows: int, repeats: int) -> list[float]:
-    """Median seconds of the sampled part of the head (ids 32000+) for `rows` hidden rows: row by row (what
-    `sample_visual_tokens` does) and as one `rows`-row GEMM (`F.linear`)."""
-    weight = model.lm_head.weight[IMG:]
-    hidden = torch.randn(rows, weight.shape[1])
-    fns = [lambda: rowwise_linear(hidden, weight), lambda: torch.nn.functional.linear(hidden, weight)]
-    return interleaved_medians([lambda fn=fn: [fn() for _ in range(10)] for fn in fns], repeats)
 
 
 def low_precision_models(model) -> dict:
@@ -260,13 +250,6 @@ def main() -> None:
     for name, ops in kernels.items():
         vs_bf16 = f"; {dict(results)[name] / bf16:.3f}x ours bf16 eager" if bf16 else ""
         print(f"{name}: prefill + 1 step ran {ops}{vs_bf16}")
-
-    with torch.no_grad():
-        rowwise, gemm = head_product_medians(model, 2, args.repeats)
-    print(
-        f"\nSampled head ({args.vocab - IMG} x {args.hidden}) for the 2 CFG rows, ms per product: row by row "
-        f"(rowwise_linear) {rowwise * 1e2:.3f}, one 2-row F.linear {gemm * 1e2:.3f}, ratio {rowwise / gemm:.3f}"
-    )
 
 
 if __name__ == "__main__":

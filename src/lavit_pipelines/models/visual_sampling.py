@@ -9,8 +9,7 @@ temperature, top-k, top-p). Everything runs on the model's device.
 
 The output head computes only the logits of ids that can be sampled (LaVIT suppresses the 32000 text ids
 after `[IMG]`, two thirds of its vocabulary); the others are -inf, which gives the same distribution as the
-original's full logits, since the guidance's log-softmax constants cancel in every later step. Those logits
-are computed row by row (`rowwise_linear`), as each of the original's separate forwards does.
+original's full logits, since the guidance's log-softmax constants cancel in every later step.
 The full head is kept where slicing would change what runs (`can_slice_head`: hooks on the model or the
 head, as accelerate's offload and device maps add; quantised, adapter or biased heads).
 
@@ -202,17 +201,8 @@ def _last_logits(model, ids, mask, positions, cache, id_runs: tuple[slice, ...] 
     weight = model.lm_head.weight
     logits = hidden.new_full((len(hidden), weight.shape[0]), -float("inf"))
     for run in id_runs:
-        logits[:, run] = rowwise_linear(hidden, weight[run])
+        logits[:, run] = torch.nn.functional.linear(hidden, weight[run])
     return logits
-
-
-def rowwise_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(R, D) rows, (N, D) weight -> (R, N): one matrix-vector product per row (`bmm` over the broadcast weight,
-    no copy), as in the original's separate conditional and unconditional forwards (with MKL on AMD EPYC, the
-    visual ids' logits come out bit for bit as there; on Intel Xeon within float rounding); the rows run side by
-    side on the threads, where MKL's 2-row GEMM costs about two such products on AMD EPYC, though less than this
-    on Intel Xeon (`benchmarks/visual_tokens_cpu.py` prints both where it runs)."""
-    return torch.bmm(rows[:, None], weight.t().expand(len(rows), -1, -1))[:, 0]
 
 
 def _static_state(model, rows: int, max_cache_len: int, compile: bool) -> tuple[StaticCache, object]:
