@@ -221,12 +221,7 @@ def convert_language_model(src: Path, dst: Path, dtype, text_vocab_size: int) ->
     LaVIT's ids follow the text vocabulary: [IMG], [/IMG], then one id per visual code up to the vocab size."""
     lm_dir = src / "language_model"
     llama = LlamaConfig.from_pretrained(lm_dir).to_dict()
-    ids = dict(
-        image_start_token_id=text_vocab_size,
-        image_end_token_id=text_vocab_size + 1,
-        visual_token_offset=text_vocab_size + 2,
-        visual_vocab_size=llama["vocab_size"] - text_vocab_size - 2,
-    )
+    ids = LavitConfig.id_layout(text_vocab_size, llama["vocab_size"] - text_vocab_size - 2)
     config = LavitConfig.from_dict({**llama, **ids})
     with init_empty_weights():
         expected = {key: tuple(tensor.shape) for key, tensor in LavitForCausalLM(config).state_dict().items()}

@@ -83,7 +83,6 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
     builders = {
         "language_model": lambda: LavitForCausalLM(
             LavitConfig(
-                vocab_size=text_vocab + 2 + CODEBOOK_SIZE,
                 hidden_size=LLM_HIDDEN,
                 intermediate_size=64,
                 num_hidden_layers=2,
@@ -93,10 +92,7 @@ def build_tiny_components(variant: str = "highres", seed: int = 0) -> dict:
                 bos_token_id=1,
                 eos_token_id=2,
                 pad_token_id=2,
-                image_start_token_id=text_vocab,
-                image_end_token_id=text_vocab + 1,
-                visual_token_offset=text_vocab + 2,
-                visual_vocab_size=CODEBOOK_SIZE,
+                **LavitConfig.id_layout(text_vocab, CODEBOOK_SIZE),
             )
         ),
         "visual_tokenizer": lambda: LavitVisualTokenizer(

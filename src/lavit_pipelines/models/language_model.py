@@ -52,6 +52,18 @@ class LavitConfig(LlamaConfig):
         kwargs.pop("model_type", None)  # "llama", or "lavit" in folders converted before
         super().__post_init__(**kwargs)
 
+    @staticmethod
+    def id_layout(text_vocab_size: int, visual_vocab_size: int) -> dict:
+        """LaVIT's ids after a text vocabulary of `text_vocab_size` ids: `[IMG]`, `[/IMG]`, then one id per visual
+        code (the release: 32000 text ids, 16384 codes), with the `vocab_size` they add up to."""
+        return dict(
+            vocab_size=text_vocab_size + 2 + visual_vocab_size,
+            image_start_token_id=text_vocab_size,
+            image_end_token_id=text_vocab_size + 1,
+            visual_token_offset=text_vocab_size + 2,
+            visual_vocab_size=visual_vocab_size,
+        )
+
     def to_dict(self) -> dict:
         """LLaMA's config dict: the weights are a stock `LlamaForCausalLM`'s, whichever class saves them."""
         return {**super().to_dict(), "architectures": ["LlamaForCausalLM"]}
