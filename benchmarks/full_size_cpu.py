@@ -9,7 +9,9 @@ random weights (normal, std 0.02) is written once as sharded safetensors (bfloat
 index), tensor by tensor, so that writing never holds the model. Each child then loads it with
 `LavitForCausalLM.from_pretrained(folder, dtype=torch.bfloat16[, quantization_config=TorchAoConfig(...)])` and
 samples 16 visual tokens with LaVIT's batched classifier-free guidance (`LavitForCausalLM.sample_visual_tokens`,
-top-k 50), twice: the second run is timed. Peak RSS is the child's `getrusage` maximum; it counts the pages of
+top-k 50): a first run (compiling where asked), one token (the prefill), then a timed run; the time per
+decoding step is (timed run - prefill) / (tokens - 1), and the configurations are compared by it (the prefill
+runs eager in every configuration). Peak RSS is the child's `getrusage` maximum; it counts the pages of
 the memory-mapped weight files that were read (transformers maps safetensors files and keeps bfloat16 tensors in
 the mapping), so the anonymous RSS (the process' own memory) is printed too. The folder is deleted at the end
 unless `--keep`.
@@ -145,15 +147,21 @@ def run_child(folder: Path, configuration: str, tokens: int) -> dict:
         cache_implementation="static" if compiled else "dynamic",
         compile=compiled,
     )
-    for run in range(2):
+    seconds = {}
+    for run, count in [("first run s", tokens), ("prefill s", 1), ("timed run s", tokens)]:
         start = time.perf_counter()
-        ids = model.sample_visual_tokens([prompt], generator=torch.Generator().manual_seed(run), **sampling)
-        seconds = time.perf_counter() - start
-        if run == 0:
-            result["first run s"] = seconds
+        ids = model.sample_visual_tokens(
+            [prompt],
+            generator=torch.Generator().manual_seed(0),
+            **{**sampling, "min_new_tokens": count, "max_new_tokens": count},
+        )
+        seconds[run] = time.perf_counter() - start
     result.update(
         {
-            "ms/token": seconds / ids.shape[1] * 1e3,
+            "first run s": seconds["first run s"],
+            "prefill s": seconds["prefill s"],
+            "ms/token": seconds["timed run s"] / ids.shape[1] * 1e3,
+            "ms/step": (seconds["timed run s"] - seconds["prefill s"]) / (tokens - 1) * 1e3,
             "peak RSS GiB": peak_rss_gib(),
             "anonymous RSS after generating GiB": rss_gib("RssAnon"),
         }
@@ -183,11 +191,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", required=True, help="where to write the random model (must not exist)")
     parser.add_argument("--small", action="store_true", help="hidden 512, 4 layers: a quick check of the script")
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="visual tokens per timed run (at least 2)")
     parser.add_argument("--configurations", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS))
     parser.add_argument("--keep", action="store_true", help="keep the folder")
     parser.add_argument("--child", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error(f"--tokens must be at least 2 (the prefill is timed apart), got {args.tokens}")
     folder = Path(args.folder)
     if args.child:
         print(json.dumps(run_child(folder, args.child, args.tokens)))
@@ -228,19 +238,20 @@ def main() -> None:
 
 def print_table(results: dict, weight_bytes: int, tokens: int) -> None:
     weights = weight_bytes / 1024**3
-    base = results.get("bf16", {}).get("ms/token")
-    print(f"\n{tokens} visual tokens with CFG (2 rows per step), second run; bf16 weights {weights:.2f} GiB")
+    base = results.get("bf16", {}).get("ms/step")
+    print(f"\n{tokens} visual tokens with CFG (2 rows per step), the run after the first; bf16 weights {weights:.2f} GiB")
     print(
         "| configuration | load s | peak RSS loading GiB (x bf16 weights) | weights GiB | peak RSS GiB "
-        "| anonymous RSS GiB | ms/token | x bf16 | matrix ops of prefill + 2 steps |"
+        "| anonymous RSS GiB | prefill s | ms/step | x bf16 | ms/token | matrix ops of prefill + 2 steps |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
-        ratio = f"{r['ms/token'] / base:.3f}" if base else "-"
+        ratio = f"{r['ms/step'] / base:.3f}" if base else "-"
         print(
             f"| {name} | {r['load s']:.1f} | {r['peak RSS while loading GiB']:.2f} "
             f"({r['peak RSS while loading GiB'] / weights:.2f}) | {r['weights GiB']:.2f} | "
-            f"{r['peak RSS GiB']:.2f} | {r['anonymous RSS after generating GiB']:.2f} | {r['ms/token']:.1f} | {ratio} | "
+            f"{r['peak RSS GiB']:.2f} | {r['anonymous RSS after generating GiB']:.2f} | {r['prefill s']:.1f} | "
+            f"{r['ms/step']:.1f} | {ratio} | {r['ms/token']:.1f} | "
             f"{r['ops']} |"
         )
 
