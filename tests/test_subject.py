@@ -79,6 +79,63 @@ def test_the_new_word_round_trips_into_a_fresh_pipeline(subject_run, training_ba
         fresh.load_textual_inversion(subject_run)
 
 
+@pytest.mark.parametrize("pipeline_cls", [LavitText2ImagePipeline, LavitUnderstandingPipeline])
+def test_unload_textual_inversion_gives_back_the_base_tokenizer_and_embeddings_bit_for_bit(
+    subject_run, training_base, pipeline_cls
+):
+    base = pipeline_cls.from_pretrained(training_base)
+    vocab = base.language_model.config.vocab_size
+    pipe = pipeline_cls.from_pretrained(training_base)
+    second = torch.randn(pipe.language_model.config.hidden_size)
+    assert pipe.load_textual_inversion(subject_run) == [vocab]
+    assert pipe.load_textual_inversion({"zzw": second}) == [vocab + 1]
+    pipe.unload_textual_inversion("sks")  # the later word moves down, its embedding with it
+    assert "sks" not in pipe.tokenizer.get_vocab() and pipe.tokenizer.convert_tokens_to_ids("zzw") == vocab
+    assert pipe.tokenizer("a zzw car", add_special_tokens=False).input_ids[1] == vocab
+    torch.testing.assert_close(pipe.language_model.get_input_embeddings().weight[vocab], second, rtol=0, atol=0)
+    assert pipe.language_model.config.vocab_size == vocab + 1
+    with pytest.raises(ValueError, match=r"\['sks'\] are not words added after the language model's vocabulary"):
+        pipe.unload_textual_inversion("sks")
+
+    trained = pipeline_cls.from_pretrained(subject_run)  # a fine-tune's folder: the word is part of it
+    for unloaded in (pipe, trained):
+        unloaded.unload_textual_inversion()
+        assert unloaded.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+        text = "a sks car"
+        assert unloaded.tokenizer(text).input_ids == base.tokenizer(text).input_ids
+        state, expected = unloaded.language_model.state_dict(), base.language_model.state_dict()
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+        assert unloaded.language_model.config.vocab_size == vocab
+
+
+def test_decoder_class_examples_weigh_prior_loss_weight(training_base):
+    """The pixel-decoder stage's loss on the same batch (two subject, two class examples) at weights 0, 1 and 3."""
+    from diffusers import DDPMScheduler
+
+    from lavit_pipelines.training.pixel_decoder import PixelDecoderTrainingModule
+
+    pipe = LavitText2ImagePipeline.from_pretrained(training_base)
+    components = {name: getattr(pipe, name) for name in ("visual_tokenizer", "pixel_decoder", "unet", "vae")}
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    batch = {
+        "pixel_values": torch.randn(4, 3, 56, 56),
+        "vae_pixel_values": torch.randn(4, 3, 64, 64),
+        "index": torch.arange(4),
+        PRIOR: torch.tensor([False, True, False, True]),
+    }
+
+    def loss(weight: float) -> torch.Tensor:
+        module = PixelDecoderTrainingModule(components, scheduler, 0.0, prior_loss_weight=weight)
+        with torch.no_grad():
+            return module(batch, [torch.Generator().manual_seed(i) for i in range(4)], 0)["loss"]
+
+    zero, one, three = loss(0.0), loss(1.0), loss(3.0)
+    assert one - zero > 1e-4  # the class examples count
+    torch.testing.assert_close(three - one, 2 * (one - zero))  # and weigh prior_loss_weight each
+
+
 def test_text_to_image_never_samples_an_added_or_text_id_after_img(subject_run):
     """The added word's and every text id's logits are raised far above the visual ids' (a forward hook): the
     sampler must still draw only visual ids (and [/IMG]) after [IMG]; each of the 12 steps gives a visual code."""
@@ -149,8 +206,10 @@ def test_subject_options_are_checked_before_any_model_loads(training_base, subje
         config(placeholder_token="s ks", initializer_token="car")
     with pytest.raises(ValueError, match="`textual_inversion` trains the new word's embedding alone"):
         config(placeholder_token="sks", initializer_token="car", textual_inversion=True, lora=True)
-    with pytest.raises(ValueError, match="`class_data` is an option of the language-model stage"):
-        config(stage="pixel-decoder", class_data=str(training_data))
+    with pytest.raises(ValueError, match="`class_data` is an option of the pixel-decoder and language-model stages"):
+        config(stage="visual-tokenizer", class_data=str(training_data))
+    with pytest.raises(ValueError, match="`train_pixel_decoder` False trains nothing"):
+        config(stage="pixel-decoder", train_pixel_decoder=False)
     with pytest.raises(ValueError, match="`prior_loss_weight` must be >= 0"):
         config(prior_loss_weight=-1.0)
     with pytest.raises(ValueError, match="placeholder token 'red' must be a new word"):
@@ -234,8 +293,10 @@ def test_cli_train_subject_with_lora_draws_class_examples_and_trains_them(
         "--prior-loss-weight",
         "0.5",
         "--lora",
+        "--keep-checkpoint",
     ]
     assert main(argv) == 0
+    assert [p.name for p in (out / "model").glob("checkpoint-*")] == ["checkpoint-2"]
     assert capsys.readouterr().out.strip() == str(out / "model")
     instance = [json.loads(line) for line in (out / "instance-data" / "metadata.jsonl").read_text().splitlines()]
     assert [row["text"] for row in instance] == ["a sks"] * 3
@@ -276,6 +337,7 @@ def test_cli_train_subject_by_default_trains_the_word_alone(training_base, train
     assert main(argv) == 0
     settings = json.loads((out / "model" / "training_config.json").read_text())
     assert settings["textual_inversion"] and not settings["lora"] and settings["class_data"] is None
+    assert not list((out / "model").glob("checkpoint-*"))  # no resumable state left behind unless asked
     assert not (out / "class-data").exists() and not (out / "model" / "pytorch_lora_weights.safetensors").exists()
     pipe = LavitText2ImagePipeline.from_pretrained(out / "model")
     base = LavitText2ImagePipeline.from_pretrained(training_base)

@@ -530,9 +530,11 @@ def test_min_snr_weighting_follows_diffusers_formula():
         module = PixelDecoderTrainingModule(build_tiny_components(), scheduler, 0.0, snr_gamma=5.0)
         snr = compute_snr(scheduler, timesteps)
         expected = (per_example * torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + denominator)).mean()
-        torch.testing.assert_close(module.loss(prediction, target, timesteps), expected)
+        torch.testing.assert_close(module.loss(prediction, target, timesteps, torch.ones(3)), expected)
     plain = PixelDecoderTrainingModule(build_tiny_components(), DDPMScheduler(), 0.0)
-    torch.testing.assert_close(plain.loss(prediction, target, timesteps), per_example.mean())
+    torch.testing.assert_close(plain.loss(prediction, target, timesteps, torch.ones(3)), per_example.mean())
+    weights = torch.tensor([1.0, 3.0, 0.0])  # class examples weighted 3 and 0 (prior preservation)
+    torch.testing.assert_close(plain.loss(prediction, target, timesteps, weights), (per_example * weights).mean())
 
 
 def test_decoder_input_starts_standardised_to_its_codebook():

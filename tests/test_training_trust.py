@@ -31,7 +31,7 @@ BAD_SETTINGS = [
     ({"gumbel_temperature": 0.0}, "`gumbel_temperature` must be a finite positive number"),
     ({"lora_alpha": -1.0}, "`lora_alpha` must be a finite positive number or None"),
     ({"lr_scheduler": "cosine_annealing"}, "`lr_scheduler` must be one of diffusers'"),
-    ({"checkpoints_total_limit": 0}, "`checkpoints_total_limit` must be a positive integer or None"),
+    ({"checkpoints_total_limit": -1}, "`checkpoints_total_limit` must be a non-negative integer or None"),
     ({"validation_steps": 0}, "`validation_steps` must be a positive integer or None"),
     ({"resolution": -64}, "`resolution` must be a positive integer or None"),
     ({"kmeans_iters": 0}, "`kmeans_iters` must be a positive integer"),

@@ -40,6 +40,7 @@ __all__ = [
     "build_sentencepiece_exact_tokenizer",
     "build_llama_style_tokenizer",
     "add_placeholder_tokens",
+    "remove_placeholder_tokens",
     "unseen_words",
     "unseen_words_warning",
 ]
@@ -267,6 +268,25 @@ def build_llama_style_tokenizer(
     )
 
 
+def _edited(tokenizer: PreTrainedTokenizerFast, edit) -> PreTrainedTokenizerFast:
+    """A copy of `tokenizer` whose saved `tokenizer.json` content went through `edit(content)` (in place)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        path = os.path.join(folder, "tokenizer.json")
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+        if not isinstance(content["model"].get("vocab"), dict):
+            raise ValueError(
+                f"placeholder tokens need a tokenizer model with a vocabulary dict, not {content['model']['type']}."
+            )
+        edit(content)
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(content, file, ensure_ascii=False)
+        return type(tokenizer).from_pretrained(folder)
+
+
 def add_placeholder_tokens(tokenizer: PreTrainedTokenizerFast, language_model, tokens: list[str]):
     """Add new words after the whole vocabulary of `language_model` ([text][IMG][/IMG][visual codes][new]).
 
@@ -277,30 +297,51 @@ def add_placeholder_tokens(tokenizer: PreTrainedTokenizerFast, language_model, t
     mean-initialised resize). Returns (a new tokenizer, the new ids); `tokenizer` is left unchanged.
     ValueError when a token is already a word of the tokenizer or its model has no vocabulary dict.
     """
-    import tempfile
-
     known = tokenizer.get_vocab()
     for token in tokens:
         if not token or token != token.strip() or token in known:
             raise ValueError(f"placeholder token {token!r} must be a new word without spaces around it.")
     first = language_model.config.vocab_size
     ids = list(range(first, first + len(tokens)))
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        path = os.path.join(folder, "tokenizer.json")
-        with open(path, encoding="utf-8") as file:
-            content = json.load(file)
-        vocab = content["model"].get("vocab")
-        if not isinstance(vocab, dict):
-            raise ValueError(
-                f"placeholder tokens need a tokenizer model with a vocabulary dict, not {content['model']['type']}."
-            )
-        vocab.update(zip(tokens, ids))
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(content, file, ensure_ascii=False)
-        extended = type(tokenizer).from_pretrained(folder)
+    extended = _edited(tokenizer, lambda content: content["model"]["vocab"].update(zip(tokens, ids)))
     extended.add_tokens(tokens)
     if [extended.convert_tokens_to_ids(token) for token in tokens] != ids:
         raise ValueError(f"the tokenizer did not number {tokens} as {ids}.")
     language_model.resize_token_embeddings(first + len(tokens))
     return extended, ids
+
+
+def remove_placeholder_tokens(tokenizer: PreTrainedTokenizerFast, language_model, tokens: list[str] | None = None):
+    """Undo `add_placeholder_tokens` for `tokens` (default: every word after the LaVIT ids): they leave a copy of
+    the tokenizer and their rows leave the language model's input and output embeddings; the words after them
+    move down, so the added ids stay contiguous (as diffusers' `unload_textual_inversion` renumbers the remaining
+    words). Returns (the new tokenizer, the removed ids). ValueError naming a token that is not an added word."""
+    import torch
+
+    words = {token_id: token for token, token_id in tokenizer.get_added_vocab().items()}
+    added = {token_id: words[token_id] for token_id in language_model.added_token_id_range}
+    removed_words = list(added.values()) if tokens is None else tokens
+    unknown = [token for token in removed_words if token not in added.values()]
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not words added after the language model's vocabulary (added: {list(added.values())})."
+        )
+    removed = [token_id for token_id, token in added.items() if token in removed_words]
+    kept = {token: token_id for token_id, token in added.items() if token_id not in removed}
+    renumbered = dict(zip(kept, language_model.added_token_id_range))
+
+    def edit(content: dict) -> None:
+        vocab = content["model"]["vocab"]
+        for token in added.values():
+            vocab.pop(token)
+        vocab.update(renumbered)
+        content["added_tokens"] = [entry for entry in content["added_tokens"] if entry["content"] not in removed_words]
+        for entry in content["added_tokens"]:
+            entry["id"] = renumbered.get(entry["content"], entry["id"])
+
+    order = [i for i in range(language_model.config.vocab_size) if i not in removed] + removed
+    with torch.no_grad():
+        for layer in (language_model.get_input_embeddings(), language_model.get_output_embeddings()):
+            layer.weight.copy_(layer.weight[order])
+    language_model.resize_token_embeddings(len(order) - len(removed))
+    return _edited(tokenizer, edit), removed

@@ -6,7 +6,8 @@ model's vocabulary is `[text][IMG][/IMG][visual codes]`, longer than the tokeniz
 `[IMG]`, `[/IMG]` and every visual id, and the new word would take `[IMG]`'s id. This loader reads the same
 files (`learned_embeds.safetensors`, `{token: (D,) or (1, D) embedding}`, as diffusers' textual-inversion
 script and `lavit train language-model --placeholder-token` write them) with diffusers' helpers, and adds each
-word after the whole vocabulary (`tokenization.add_placeholder_tokens`).
+word after the whole vocabulary (`tokenization.add_placeholder_tokens`); `unload_textual_inversion` removes them
+again, as diffusers' does.
 """
 
 import os
@@ -15,13 +16,14 @@ import torch
 from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.loaders.textual_inversion import load_textual_inversion_state_dicts
 
-from ..tokenization import add_placeholder_tokens
+from ..tokenization import add_placeholder_tokens, remove_placeholder_tokens
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 
 
 class LavitTextualInversionLoaderMixin(TextualInversionLoaderMixin):
-    """`load_textual_inversion` for pipelines with a `tokenizer` and a LaVIT `language_model`."""
+    """`load_textual_inversion` and `unload_textual_inversion` for pipelines with a `tokenizer` and a LaVIT
+    `language_model`."""
 
     def load_textual_inversion(
         self,
@@ -59,3 +61,14 @@ class LavitTextualInversionLoaderMixin(TextualInversionLoaderMixin):
             weight[ids] = torch.cat(embeddings).to(weight.device, weight.dtype)
         self.register_modules(tokenizer=tokenizer)
         return ids
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove words that `load_textual_inversion` (or a subject fine-tune) added: `tokens`, by default every
+        word after the language model's LaVIT ids. They leave the tokenizer (replaced by one without them) and
+        their rows leave the language model's embeddings; the words loaded after them keep their embeddings and
+        move down to close the gap, as in diffusers' `unload_textual_inversion`. Unloading every word gives back
+        the tokenizer's vocabulary and the embeddings as they were before loading. ValueError naming a token that
+        is not such a word."""
+        tokens = [tokens] if isinstance(tokens, str) else tokens
+        tokenizer, _ = remove_placeholder_tokens(self.tokenizer, self.language_model, tokens)
+        self.register_modules(tokenizer=tokenizer)

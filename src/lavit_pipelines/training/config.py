@@ -22,8 +22,9 @@ POSITIVE = (
     "validation_inference_steps",
     "kmeans_iters",
 )
-POSITIVE_OR_NONE = ("validation_steps", "checkpoints_total_limit", "resolution")
+POSITIVE_OR_NONE = ("validation_steps", "resolution")
 NON_NEGATIVE = ("lr_warmup_steps", "quantize_after_steps")
+NON_NEGATIVE_OR_NONE = ("checkpoints_total_limit",)
 # Float settings: (name, lowest allowed, whether the lowest is allowed, None allowed); each must be finite.
 FLOATS = (
     ("learning_rate", 0.0, False, False),
@@ -70,7 +71,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = setting(1, "batches per optimizer step")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     checkpointing_steps: int = setting(500, "save a resumable checkpoint every so many steps")
-    checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints (default: all)")
+    checkpoints_total_limit: int | None = setting(
+        None, "keep at most this many checkpoints (default: all; 0: none, not even the last: no resuming)"
+    )
     validation_steps: int | None = setting(
         None,
         "every so many steps (and before the first), the loss on a fixed batch (language model: and a caption) "
@@ -109,6 +112,9 @@ class TrainingConfig:
     # pixel decoder
     train_unet: bool = setting(
         False, "pixel decoder: fine-tune the whole UNet too (with --lora the UNet gets LoRA instead)"
+    )
+    train_pixel_decoder: bool = setting(
+        True, "pixel decoder: train the pixel decoder itself (False: the UNet or its LoRA alone)"
     )
     condition_dropout: float = setting(0.1, "pixel decoder: share of examples trained without their condition")
     prediction_type: str | None = setting(None, "pixel decoder: epsilon or v_prediction (default: the scheduler's)")
@@ -170,7 +176,9 @@ class TrainingConfig:
         "frozen: prompts without the word are unchanged)",
     )
     class_data: str | None = setting(
-        None, "prior preservation: class examples (any `data` form), mixed into the data and marked, as DreamBooth's"
+        None,
+        "pixel decoder, language model: class examples (any `data` form), mixed into the data and marked "
+        "(DreamBooth's prior preservation)",
     )
     prior_loss_weight: float = setting(1.0, "the weight of the class examples' tokens in the loss")
 
@@ -188,15 +196,14 @@ class TrainingConfig:
             raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
         if not os.path.isdir(self.model):
             raise FileNotFoundError(f"`model`: {self.model!r} is not a pipeline folder.")
-        for name in POSITIVE + POSITIVE_OR_NONE + NON_NEGATIVE:
-            value, lowest = getattr(self, name), 0 if name in NON_NEGATIVE else 1
-            if value is None and name in POSITIVE_OR_NONE:
+        for name in POSITIVE + POSITIVE_OR_NONE + NON_NEGATIVE + NON_NEGATIVE_OR_NONE:
+            value, lowest = getattr(self, name), 0 if name in NON_NEGATIVE + NON_NEGATIVE_OR_NONE else 1
+            optional = name in POSITIVE_OR_NONE + NON_NEGATIVE_OR_NONE
+            if value is None and optional:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 kind = "a non-negative integer" if lowest == 0 else "a positive integer"
-                raise ValueError(
-                    f"`{name}` must be {kind}{' or None' if name in POSITIVE_OR_NONE else ''}, got {value!r}."
-                )
+                raise ValueError(f"`{name}` must be {kind}{' or None' if optional else ''}, got {value!r}.")
         for name, lowest, inclusive, optional in FLOATS:
             value = getattr(self, name)
             if value is None and optional:
@@ -224,7 +231,7 @@ class TrainingConfig:
         schedulers = [kind.value for kind in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"`lr_scheduler` must be one of diffusers' {schedulers}, got {self.lr_scheduler!r}.")
-        language_model_only = ("placeholder_token", "initializer_token", "class_data")
+        language_model_only = ("placeholder_token", "initializer_token")
         for name in language_model_only:
             if getattr(self, name) is not None and self.stage != "language-model":
                 raise ValueError(f"`{name}` is an option of the language-model stage, not of {self.stage!r}.")
@@ -243,6 +250,12 @@ class TrainingConfig:
             )
         if not self.prior_loss_weight >= 0:
             raise ValueError(f"`prior_loss_weight` must be >= 0, got {self.prior_loss_weight!r}.")
+        if self.class_data is not None and self.stage not in LORA_STAGES:
+            raise ValueError(
+                f"`class_data` is an option of the {' and '.join(LORA_STAGES)} stages, not of {self.stage!r}."
+            )
+        if self.stage == "pixel-decoder" and not (self.train_pixel_decoder or self.train_unet or self.lora):
+            raise ValueError("`train_pixel_decoder` False trains nothing without `train_unet` or `lora`.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(
                 f"`prediction_type` must be None, 'epsilon' or 'v_prediction', got {self.prediction_type!r}."

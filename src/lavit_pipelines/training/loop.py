@@ -387,7 +387,7 @@ def run(config: TrainingConfig, stage_cls: type[Stage]) -> Path:
             accelerator.log(row, step=step)
         if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
             validate(stage, accelerator, validation_batch, validation_examples, step, output)
-        if step % config.checkpointing_steps == 0 or step == config.max_steps:
+        if config.checkpoints_total_limit != 0 and (step % config.checkpointing_steps == 0 or step == config.max_steps):
             save_checkpoint(accelerator, output, step, config.checkpoints_total_limit)
         if step >= config.max_steps:
             break

@@ -7,6 +7,9 @@ conditioned on the decoder's negative condition instead (zeros for the high-res 
 `negative_condition` for the low-res one), which is what classifier-free guidance uses at inference.
 With `snr_gamma`, each example's loss is weighted by Min-SNR (`min(SNR, γ) / SNR` for ε, `/(SNR + 1)` for v),
 which puts the weight on the noisy timesteps where the conditioning decides the picture.
+Class examples (`class_data`, marked by the `prior` column) weigh `prior_loss_weight` in the loss, as in the
+language-model stage (DreamBooth's prior preservation). `train_pixel_decoder=False` freezes the pixel decoder
+(only the UNet or its LoRA trains).
 With `cache_latents`, every image is encoded once before training (as diffusers' DreamBooth scripts do) and
 each step draws its latents from the stored posterior, with the same random numbers as an encoding would.
 """
@@ -21,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..image_processor import LavitImageProcessor
+from .data import PRIOR
 from .loop import Stage, lora_layers, per_example
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -43,12 +47,18 @@ class PixelDecoderTrainingModule(nn.Module):
     """Frozen visual tokenizer and VAE, the trained pixel decoder, the UNet (frozen, LoRA or trained)."""
 
     def __init__(
-        self, components: dict, scheduler: DDPMScheduler, condition_dropout: float, snr_gamma: float | None = None
+        self,
+        components: dict,
+        scheduler: DDPMScheduler,
+        condition_dropout: float,
+        snr_gamma: float | None = None,
+        prior_loss_weight: float = 1.0,
     ):
         super().__init__()
         self.visual_tokenizer, self.pixel_decoder = components["visual_tokenizer"], components["pixel_decoder"]
         self.unet, self.vae = components["unet"], components["vae"]
         self.scheduler, self.condition_dropout, self.snr_gamma = scheduler, condition_dropout, snr_gamma
+        self.prior_loss_weight = prior_loss_weight
         self.latent_parameters: torch.Tensor | None = None  # (N, 2C, h, w) on the CPU, with `cache_latents`
 
     @torch.no_grad()
@@ -107,16 +117,23 @@ class PixelDecoderTrainingModule(nn.Module):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return {"loss": self.loss(prediction.float(), target.float(), timesteps), "dropped": drop.float().mean()}
+        prior = batch.get(PRIOR, torch.zeros(len(pixels), dtype=torch.bool)).to(latents.device)
+        weights = torch.where(prior, self.prior_loss_weight, 1.0)
+        loss = self.loss(prediction.float(), target.float(), timesteps, weights)
+        return {"loss": loss, "dropped": drop.float().mean()}
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """MSE, per example weighted by Min-SNR when `snr_gamma` is set."""
-        if self.snr_gamma is None:
-            return F.mse_loss(prediction, target)
-        snr = compute_snr(self.scheduler, timesteps)
-        weights = snr.clamp(max=self.snr_gamma) / (
-            snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
-        )
+    def loss(
+        self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """MSE, per example weighted by `weights` (the class examples' `prior_loss_weight`) and by Min-SNR when
+        `snr_gamma` is set."""
+        if self.snr_gamma is not None:
+            snr = compute_snr(self.scheduler, timesteps)
+            weights = (
+                weights
+                * snr.clamp(max=self.snr_gamma)
+                / (snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr)
+            )
         return (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
 
 
@@ -131,6 +148,7 @@ class PixelDecoderStage(Stage):
         visual_tokenizer.requires_grad_(False)
         vae.requires_grad_(False)
         unet.requires_grad_(config.train_unet and not config.lora)
+        decoder.requires_grad_(config.train_pixel_decoder)
         if config.init_decoder_input:
             standardize_decoder_input(decoder)
         if config.lora:
@@ -147,9 +165,8 @@ class PixelDecoderStage(Stage):
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             decoder.enable_gradient_checkpointing()
-        self.trained_components = (
-            ("pixel_decoder", "unet") if config.train_unet and not config.lora else ("pixel_decoder",)
-        )
+        trained = ("pixel_decoder",) if config.train_pixel_decoder else ()
+        self.trained_components = trained + (("unet",) if config.train_unet and not config.lora else ())
         scheduler = DDPMScheduler.from_config(components["scheduler"].config)
         if config.prediction_type is not None:
             scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -157,9 +174,9 @@ class PixelDecoderStage(Stage):
         self.resolution = resolution
         self.vae_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         self.processor = LavitImageProcessor.from_visual_tokenizer_config(visual_tokenizer.config)
-        self.module = PixelDecoderTrainingModule(components, scheduler, config.condition_dropout, config.snr_gamma).to(
-            accelerator.device
-        )
+        self.module = PixelDecoderTrainingModule(
+            components, scheduler, config.condition_dropout, config.snr_gamma, config.prior_loss_weight
+        ).to(accelerator.device)
         self.ema = None
         if config.use_ema:
             cast_training_params(self.module, torch.float32)  # the EMA copies float32 weights

@@ -39,7 +39,8 @@ class SubjectConfig:
     adapters of `lora_rank` to the language model, and then the class examples keep the class. The defaults of `max_steps` and `learning_rate` are
     those measured on the demo model (benchmarks/subject_quality.py, docs/subject.md). `output` receives `instance-data/` (when captions were
     written), `class-data/` and `model/`, the trained pipeline folder. `mixed_precision` and
-    `gradient_checkpointing` as in `TrainingConfig` (for LaVIT-7B: "bf16" and True).
+    `gradient_checkpointing` as in `TrainingConfig` (for LaVIT-7B: "bf16" and True). No resumable checkpoint is
+    left in `model/` unless `keep_checkpoint`.
     """
 
     model: str = setting(help="BASE pipeline folder")
@@ -67,6 +68,9 @@ class SubjectConfig:
     seed: int = setting(0, "seed of the class examples, the data order and every random draw")
     mixed_precision: str = setting("no", f"one of {', '.join(MIXED_PRECISIONS)} (LaVIT-7B: bf16)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (LaVIT-7B: on)")
+    keep_checkpoint: bool = setting(
+        False, "keep OUT/model/checkpoint-<steps>, the resumable state (frozen weights included; LaVIT-7B: ~17 GB)"
+    )
 
     def __post_init__(self):
         self.check()
@@ -203,7 +207,7 @@ def stage_config(config: SubjectConfig, data: Path, class_data: Path | None) -> 
         understanding_ratio=0.0,
         train_understanding_head=False,
         checkpointing_steps=config.max_steps,
-        checkpoints_total_limit=1,
+        checkpoints_total_limit=1 if config.keep_checkpoint else 0,
         mixed_precision=config.mixed_precision,
         gradient_checkpointing=config.gradient_checkpointing,
     )
