@@ -354,3 +354,53 @@ def test_cli_train_subject_by_default_trains_the_word_alone(training_base, train
         for p in (base, pipe)
     )
     assert all(torch.equal(b, a) for b, a in zip(before, after)) and min(map(len, before)) > 1
+
+
+def test_cli_train_subject_with_decoder_adds_a_cross_attention_lora_trained_with_the_class_examples(
+    training_base, training_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = [
+        "train",
+        "subject",
+        "--model",
+        str(training_base),
+        "--images",
+        str(subject_images(training_data, tmp_path / "imgs")),
+        "--token",
+        "sks",
+        "--class-word",
+        "car",
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-class-images",
+        "2",
+        "--decoder",
+        "--decoder-steps",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out / "model")
+    word = json.loads((out / "language-model" / "training_config.json").read_text())
+    assert word["textual_inversion"] and word["class_data"] is None  # the word alone: class examples change nothing
+    decoder = json.loads((out / "model" / "training_config.json").read_text())
+    assert decoder["stage"] == "pixel-decoder" and decoder["class_data"] == str(out / "class-data")
+    assert decoder["model"] == str(out / "language-model") and not decoder["train_pixel_decoder"]
+    assert [row["step"] for row in read_logs(out / "model")] == [1, 2]  # 5 examples, batch 4
+    lora = load_file(out / "model" / "pytorch_lora_weights.safetensors")
+    assert lora and all(key.startswith("unet.") and ".attn2.to_" in key for key in lora)
+    assert {key.split(".attn2.")[1].split(".")[0] for key in lora} == {"to_k", "to_v"}
+    assert not list(out.glob("*/checkpoint-*"))
+    base = LavitText2ImagePipeline.from_pretrained(training_base)
+    trained = LavitText2ImagePipeline.from_pretrained(out / "model")
+    for name in ("pixel_decoder", "unet"):  # the LoRA file holds the whole change
+        for key, value in getattr(base, name).state_dict().items():
+            torch.testing.assert_close(getattr(trained, name).state_dict()[key], value, rtol=0, atol=0)
+    base.load_textual_inversion(out / "model")
+    base.load_lora_weights(out / "model")
+    image = base("a sks", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)

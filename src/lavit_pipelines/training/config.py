@@ -116,6 +116,11 @@ class TrainingConfig:
     train_pixel_decoder: bool = setting(
         True, "pixel decoder: train the pixel decoder itself (False: the UNet or its LoRA alone)"
     )
+    unet_lora_target_modules: list[str] = setting(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        help="pixel decoder: the UNet's LoRA-adapted modules (attn2.to_k attn2.to_v: the cross-attention keys and "
+        "values alone, as Custom Diffusion)",
+    )
     condition_dropout: float = setting(0.1, "pixel decoder: share of examples trained without their condition")
     prediction_type: str | None = setting(None, "pixel decoder: epsilon or v_prediction (default: the scheduler's)")
     snr_gamma: float | None = setting(
@@ -262,10 +267,10 @@ class TrainingConfig:
             )
         if self.lora and self.stage not in LORA_STAGES:
             raise ValueError(f"`lora`: the {self.stage} stage trains no LoRA adapters (only {', '.join(LORA_STAGES)}).")
-        if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
-            raise ValueError(
-                f"`lora_target_modules` must be a non-empty list of module names, got {self.lora_target_modules!r}."
-            )
+        for name in ("lora_target_modules", "unet_lora_target_modules"):
+            modules = getattr(self, name)
+            if not modules or not all(isinstance(m, str) and m for m in modules):
+                raise ValueError(f"`{name}` must be a non-empty list of module names, got {modules!r}.")
         if self.resume_from_checkpoint is not None and not (
             isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint
         ):

@@ -27,8 +27,6 @@ from ..image_processor import LavitImageProcessor
 from .data import PRIOR
 from .loop import Stage, lora_layers, per_example
 
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
 
 @torch.no_grad()
 def standardize_decoder_input(decoder) -> None:
@@ -159,7 +157,7 @@ class PixelDecoderStage(Stage):
                     r=config.lora_rank,
                     lora_alpha=config.lora_alpha or config.lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=UNET_LORA_TARGETS,
+                    target_modules=config.unet_lora_target_modules,
                 )
             )
         if config.gradient_checkpointing:

@@ -5,6 +5,8 @@ captioned with a new word (`token`, added after LaVIT's whole vocabulary and sta
 class examples (captions with `class_word` instead of the token, drawn by the base model, or given) keep what
 the model knew about the class (prior preservation), and the language model learns to write the subject's
 visual tokens (`understanding_ratio` 0: only the generation direction trains; the understanding head stays).
+With `decoder`, the pixel-decoder stage then adapts the UNet to the subject's look (LoRA on its cross-attention
+keys and values, as Custom Diffusion; the class examples weighted along).
 
     from lavit_pipelines.training.subject import SubjectConfig, train_subject
     model = train_subject(SubjectConfig(model="base", images="my-subject", token="sks", class_word="triangle",
@@ -21,7 +23,8 @@ from pathlib import Path
 from .config import METADATA, MIXED_PRECISIONS, TrainingConfig, setting
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-INSTANCE_DATA, CLASS_DATA, MODEL = "instance-data", "class-data", "model"
+INSTANCE_DATA, CLASS_DATA, MODEL, LANGUAGE_MODEL = "instance-data", "class-data", "model", "language-model"
+DECODER_LORA_TARGETS = ["attn2.to_k", "attn2.to_v"]  # the UNet's cross-attention keys and values
 
 
 @dataclass
@@ -64,6 +67,13 @@ class SubjectConfig:
     lora_rank: int = setting(8, "LoRA rank")
     max_steps: int = setting(300, "optimizer steps")
     learning_rate: float = setting(2e-2, "learning rate")
+    decoder: bool = setting(
+        False,
+        "then adapt the UNet to the subject's look: LoRA on its cross-attention keys and values, trained by the "
+        "pixel-decoder stage on the images and the class examples (old prompts' pictures change too)",
+    )
+    decoder_steps: int = setting(300, "with --decoder: optimizer steps of the UNet's LoRA")
+    decoder_learning_rate: float = setting(1e-3, "with --decoder: learning rate of the UNet's LoRA")
     batch_size: int = setting(8, "examples per batch")
     seed: int = setting(0, "seed of the class examples, the data order and every random draw")
     mixed_precision: str = setting("no", f"one of {', '.join(MIXED_PRECISIONS)} (LaVIT-7B: bf16)")
@@ -85,14 +95,15 @@ class SubjectConfig:
             raise ValueError("`class_word` must name what the subject is (e.g. 'triangle'), got an empty text.")
         if "{token}" not in self.caption:
             raise ValueError(f"`caption` must contain '{{token}}', got {self.caption!r}.")
-        for name in ("lora_rank", "max_steps", "batch_size"):
+        for name in ("lora_rank", "max_steps", "batch_size", "decoder_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.num_class_images is not None and self.num_class_images < 1:
             raise ValueError(f"`num_class_images` must be a positive integer, got {self.num_class_images!r}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
+        for name in ("learning_rate", "decoder_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}.")
         if not self.prior_loss_weight >= 0:
             raise ValueError(f"`prior_loss_weight` must be >= 0, got {self.prior_loss_weight!r}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -164,7 +175,7 @@ def draw_class_examples(model: str, prompts: list[str], folder: Path, seed: int)
 
 def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
     """Write OUT/instance-data (for plain images) and OUT/class-data (class examples drawn by the base model);
-    returns the data folder and the class-data folder (None without prior preservation or without LoRA)."""
+    returns the data folder and the class-data folder (None without prior preservation, or for the word alone)."""
     output, images = Path(config.output), Path(config.images)
     pairs = subject_captions(images, config.token, config.caption)
     output.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,7 @@ def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
         for name, _ in pairs:
             shutil.copy2(images / name, data / name)
         write_metadata(data, pairs)
-    if not (config.prior_preservation and config.lora):  # textual inversion: class examples change nothing
+    if not (config.prior_preservation and (config.lora or config.decoder)):  # the word alone: they change nothing
         return data, None
     if config.class_images is not None:
         return data, Path(config.class_images)
@@ -187,12 +198,14 @@ def prepare_subject_data(config: SubjectConfig) -> tuple[Path, Path | None]:
 
 
 def stage_config(config: SubjectConfig, data: Path, class_data: Path | None) -> TrainingConfig:
-    """The language-model stage's settings for this subject."""
+    """The language-model stage's settings for this subject (into OUT/model, or OUT/language-model before the
+    decoder step)."""
     return TrainingConfig(
         stage="language-model",
         model=config.model,
         data=str(data),
-        output=str(Path(config.output) / MODEL),
+        output=str(Path(config.output) / (LANGUAGE_MODEL if config.decoder else MODEL)),
+        class_data=None if class_data is None or not config.lora else str(class_data),
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
         batch_size=config.batch_size,
@@ -202,11 +215,37 @@ def stage_config(config: SubjectConfig, data: Path, class_data: Path | None) -> 
         textual_inversion=not config.lora,
         placeholder_token=config.token,
         initializer_token=config.initializer_word or config.class_word,
-        class_data=None if class_data is None else str(class_data),
         prior_loss_weight=config.prior_loss_weight,
         understanding_ratio=0.0,
         train_understanding_head=False,
         checkpointing_steps=config.max_steps,
+        checkpoints_total_limit=1 if config.keep_checkpoint else 0,
+        mixed_precision=config.mixed_precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def decoder_config(config: SubjectConfig, model: Path, data: Path, class_data: Path | None) -> TrainingConfig:
+    """The pixel-decoder stage's settings of the decoder step: from the language-model stage's folder `model` into
+    OUT/model, the UNet's cross-attention LoRA alone (the pixel decoder stays), no condition dropout."""
+    return TrainingConfig(
+        stage="pixel-decoder",
+        model=str(model),
+        data=str(data),
+        output=str(Path(config.output) / MODEL),
+        max_steps=config.decoder_steps,
+        learning_rate=config.decoder_learning_rate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        lora=True,
+        lora_rank=config.lora_rank,
+        unet_lora_target_modules=DECODER_LORA_TARGETS,
+        train_pixel_decoder=False,
+        condition_dropout=0.0,
+        cache_latents=True,
+        class_data=None if class_data is None else str(class_data),
+        prior_loss_weight=config.prior_loss_weight,
+        checkpointing_steps=config.decoder_steps,
         checkpoints_total_limit=1 if config.keep_checkpoint else 0,
         mixed_precision=config.mixed_precision,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -225,9 +264,17 @@ def check_new_word(config: SubjectConfig) -> None:
 
 
 def train_subject(config: SubjectConfig) -> Path:
-    """Prepare the data and class examples, then run the language-model stage; returns OUT/model."""
+    """Prepare the data and class examples, then run the language-model stage (and with `decoder` the pixel-decoder
+    stage after it, whose folder gets the word's learned_embeds.safetensors too); returns OUT/model."""
     check_new_word(config)
     data, class_data = prepare_subject_data(config)
     from . import train
 
-    return train(stage_config(config, data, class_data))
+    model = train(stage_config(config, data, class_data))
+    if not config.decoder:
+        return model
+    from ..pipelines.textual_inversion import LEARNED_EMBEDS
+
+    output = train(decoder_config(config, model, data, class_data))
+    shutil.copy2(model / LEARNED_EMBEDS, output / LEARNED_EMBEDS)
+    return output
