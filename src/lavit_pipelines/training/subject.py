@@ -39,8 +39,11 @@ class SubjectConfig:
     images) with the base model; `prior_preservation=False` trains without them. `lora=False` (default) trains
     the word's embedding alone (textual inversion: prompts without the word are unchanged, and class examples,
     whose loss does not depend on that embedding, are neither drawn nor trained); `lora=True` adds LoRA
-    adapters of `lora_rank` to the language model, and then the class examples keep the class. The defaults of `max_steps` and `learning_rate` are
-    those measured on the demo model (benchmarks/subject_quality.py, docs/subject.md). `output` receives `instance-data/` (when captions were
+    adapters of `lora_rank` to the language model, and then the class examples keep the class. `decoder=True` then
+    trains a LoRA of `lora_rank` on the UNet's cross-attention keys and values (`decoder_steps`,
+    `decoder_learning_rate`) with the class examples; the language-model stage's folder goes to `language-model/`.
+    The defaults of `max_steps` and `learning_rate` are those measured on the demo model
+    (benchmarks/subject_quality.py, docs/subject.md). `output` receives `instance-data/` (when captions were
     written), `class-data/` and `model/`, the trained pipeline folder. `mixed_precision` and
     `gradient_checkpointing` as in `TrainingConfig` (for LaVIT-7B: "bf16" and True). No resumable checkpoint is
     left in `model/` unless `keep_checkpoint`.
