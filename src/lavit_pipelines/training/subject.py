@@ -76,7 +76,7 @@ class SubjectConfig:
         "pixel-decoder stage on the images and the class examples (old prompts' pictures change too)",
     )
     decoder_steps: int = setting(300, "with --decoder: optimizer steps of the UNet's LoRA")
-    decoder_learning_rate: float = setting(1e-3, "with --decoder: learning rate of the UNet's LoRA")
+    decoder_learning_rate: float = setting(3e-4, "with --decoder: learning rate of the UNet's LoRA")
     batch_size: int = setting(8, "examples per batch")
     seed: int = setting(0, "seed of the class examples, the data order and every random draw")
     mixed_precision: str = setting("no", f"one of {', '.join(MIXED_PRECISIONS)} (LaVIT-7B: bf16)")
