@@ -230,6 +230,8 @@ def test_subject_options_are_checked_before_any_model_loads(training_base, subje
     [
         (["--token", "s ks"], "`token` must be one word without spaces"),
         (["--max-steps", "0"], "`max_steps` must be a positive integer"),
+        (["--decoder-steps", "0"], "`decoder_steps` must be a positive integer"),
+        (["--decoder-learning-rate", "0"], "`decoder_learning_rate` must be positive"),
         (["--caption", "a photo"], "`caption` must contain '{token}'"),
         (["--images", "nowhere"], "`images`: 'nowhere' is not a folder"),
         (["--token", "red"], "`token`: 'red' is already a word of"),
