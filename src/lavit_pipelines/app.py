@@ -117,6 +117,7 @@ class LavitApp:
                 llm_guidance_scale=llm_guidance_scale,
                 steps=check_count(steps, "--steps", MAX_STEPS),
                 max_new_tokens=None,
+                compile=False,
             )
             count = check_count(num_images, "--num-images", MAX_IMAGES)
             images = [file_path(f) for f in image_files or []]
