@@ -83,8 +83,9 @@ class LavitApp:
     """The tabs' handlers over one text-to-image pipeline (with its visual tokenizer) and an understanding
     pipeline that shares its tokenizer, language model and visual tokenizer."""
 
-    def __init__(self, text2image: LavitText2ImagePipeline, examples_folder: Path | None = None):
+    def __init__(self, text2image: LavitText2ImagePipeline, examples_folder: Path | None = None, compile: bool = False):
         self.text2image = text2image
+        self.compile = compile  # visual tokens through the static cache and a compiled step (`lavit app --compile`)
         self.understanding = LavitUnderstandingPipeline(
             tokenizer=text2image.tokenizer,
             language_model=text2image.language_model,
@@ -117,7 +118,7 @@ class LavitApp:
                 llm_guidance_scale=llm_guidance_scale,
                 steps=check_count(steps, "--steps", MAX_STEPS),
                 max_new_tokens=None,
-                compile=False,
+                compile=self.compile,
             )
             count = check_count(num_images, "--num-images", MAX_IMAGES)
             images = [file_path(f) for f in image_files or []]
@@ -330,5 +331,5 @@ def serve(args) -> None:
     text2image = load_pipeline(LavitText2ImagePipeline, args)
     demo_model = args.model is None or Path(args.model).resolve() == default_model_path().resolve()
     with tempfile.TemporaryDirectory(prefix="lavit-app-") as folder:
-        app = LavitApp(text2image, examples_folder=Path(folder) if demo_model else None)
+        app = LavitApp(text2image, examples_folder=Path(folder) if demo_model else None, compile=args.compile)
         app.blocks().launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[folder])

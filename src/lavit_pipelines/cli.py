@@ -94,12 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-images", type=positive_int, default=1, help="images per prompt (numbered NAME-i files when > 1)"
     )
     gen.add_argument("--max-new-tokens", type=positive_int, help="most visual tokens per image (default: the model's)")
-    gen.add_argument(
-        "--compile",
-        action="store_true",
-        help="visual tokens with a static KV cache and a torch.compile'd decoding step: the same tokens, faster "
-        "after a first call that compiles (on the CPU, what makes --quantize int8 pay; docs/memory.md)",
-    )
 
     cap = add_command("caption", parents=[common], help="images -> one caption per line, in order")
     cap.add_argument("image", nargs="+", help="image files, captioned in one batch")
@@ -116,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     app = add_command("app", parents=[loading], help="web app (Gradio) on one loaded model; needs the `app` extra")
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     app.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
+    for sub in (gen, app):
+        sub.add_argument(
+            "--compile",
+            action="store_true",
+            help="visual tokens with a static KV cache and a torch.compile'd decoding step: the same tokens, faster "
+            "after a first image that compiles (on the CPU, what makes --quantize int8 pay; docs/memory.md)",
+        )
 
     conv = add_command("convert", help="release checkpoint (folder or Hub id) -> converted folder")
     conv.add_argument("src", help="release folder or Hub id (rain1011/LaVIT-7B-v2)")
