@@ -26,6 +26,24 @@ TWO_PROCESS_LAUNCH = [
 ]
 
 
+@pytest.fixture
+def aot_eager_compile(monkeypatch) -> list[dict]:
+    """The sampler's `torch.compile` with the aot_eager backend (inductor's C++ build alone takes ~50 s on 2 cores;
+    benchmarks/gpu_full_size.py runs the real mode): the list of each call's keyword arguments."""
+    import torch
+
+    from lavit_pipelines.models import visual_sampling
+
+    compiled, real_compile = [], torch.compile
+
+    def compile_with_aot_eager(fn, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(fn, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(visual_sampling.torch, "compile", compile_with_aot_eager)
+    return compiled
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     """Folder of the tiny checkpoint in the release layout (`original_checkpoint/`) and what the original

@@ -102,22 +102,13 @@ def test_generate_gives_the_pipelines_images_with_their_seeds(served, client):
         np.testing.assert_array_equal(pixels(item["image"]), pipeline_image(app, PROMPT, seed, STEPS))
 
 
-def test_compiled_app_draws_the_images_of_the_eager_one(served, monkeypatch):
+def test_compiled_app_draws_the_images_of_the_eager_one(served, aot_eager_compile):
     """`lavit app --compile`: the app's images come through the static cache and a compiled step (aot_eager here,
     to keep the test short), pixel for pixel the eager pipeline's."""
-    from lavit_pipelines.models import visual_sampling
-
     app, _ = served
-    compiled, real_compile = [], torch.compile
-
-    def compile_with_aot_eager(fn, **kwargs):
-        compiled.append(kwargs)
-        return real_compile(fn, backend="aot_eager", fullgraph=True)
-
-    monkeypatch.setattr(visual_sampling.torch, "compile", compile_with_aot_eager)
     compiling = LavitApp(app.text2image, compile=True)
     gallery, _ = compiling.generate(PROMPT, [], 5, NATIVE_SIZE, 0, 0, 1, 4.0, 2.5, STEPS)
-    assert compiled
+    assert aot_eager_compile
     np.testing.assert_array_equal(np.asarray(gallery[0][0]), pipeline_image(app, PROMPT, 5, STEPS))
 
 

@@ -40,20 +40,10 @@ def test_generate_on_embedded_model_is_reproducible(tmp_path, capsys):
     assert PIL.Image.open(first).size == (64, 64)
 
 
-def test_generate_compile_draws_the_same_image_with_a_compiled_static_step(tmp_path, monkeypatch):
+def test_generate_compile_draws_the_same_image_with_a_compiled_static_step(tmp_path, aot_eager_compile):
     """`--compile` decodes through the static cache and a torch.compile'd step (aot_eager here, to keep the test
     short; the benchmarks use inductor) and draws the image of the eager path."""
-    import torch
-
-    from lavit_pipelines.models import visual_sampling
-
-    compiled, real_compile = [], torch.compile
-
-    def compile_with_aot_eager(fn, **kwargs):
-        compiled.append(kwargs)
-        return real_compile(fn, backend="aot_eager", fullgraph=True)
-
-    monkeypatch.setattr(visual_sampling.torch, "compile", compile_with_aot_eager)
+    compiled = aot_eager_compile
     eager, static = tmp_path / "eager.png", tmp_path / "static.png"
     assert main(["generate", "a red circle", "--output", str(eager), "--seed", "3", *FAST]) == 0
     assert not compiled

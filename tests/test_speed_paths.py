@@ -126,17 +126,10 @@ def test_static_cache_is_reused_and_bad_arguments_rejected(llm):
         sample(llm, False, compile=True)
 
 
-def test_compiled_static_path_identical(llm, monkeypatch):
-    """`compile=True` traces the decoding step with torch.compile (fullgraph) and gives the same tokens. The
-    backend is aot_eager here to keep the test fast on CPU (inductor's C++ build alone takes ~50 s on 2 cores);
-    benchmarks/gpu_full_size.py runs the real mode on a GPU."""
-    compiled, real_compile = [], torch.compile
-
-    def compile_with_aot_eager(fn, **kwargs):
-        compiled.append(kwargs)
-        return real_compile(fn, backend="aot_eager", fullgraph=True)
-
-    monkeypatch.setattr(visual_sampling.torch, "compile", compile_with_aot_eager)
+def test_compiled_static_path_identical(llm, aot_eager_compile):
+    """`compile=True` traces the decoding step with torch.compile (fullgraph) and gives the same tokens (aot_eager
+    here, see the fixture)."""
+    compiled = aot_eager_compile
     vars(llm).pop("_static_decoding", None)
     try:
         greedy = sample(llm, False)
