@@ -52,14 +52,7 @@ def language_model_config(small: bool):
             num_key_value_heads=4,
             max_position_embeddings=2048,
         )
-    return LavitConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=2048,
-    )
+    return LavitConfig()  # its defaults are the release's geometry
 
 
 def write_random_model(folder: Path, small: bool) -> int:

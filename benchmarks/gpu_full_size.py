@@ -85,14 +85,7 @@ def build_pipeline(tiny: bool, dtype: torch.dtype, device: str):
             pooled_embed_dim=32,
         )
     else:
-        llm_config = LavitConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=2048,
-        )
+        llm_config = LavitConfig()  # its defaults are the release's geometry
         decoder = LavitPixelDecoder(variant="highres")
     with torch.device(device):
         language_model = LavitForCausalLM(llm_config).to(dtype)
